@@ -1,0 +1,126 @@
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import GRPOConfig
+
+
+GUIDANCE_MODES = ("tgpo", "tgpo_sample", "tgpo_topk", "rkl_topk", "rkl_k3", "kdrl", "opd", "none")
+GUIDANCE_SCHEDULES = ("linear", "constant")
+
+
+@dataclass
+class TGPOConfig(GRPOConfig):
+    r"""
+    Configuration class for the [`TGPOTrainer`]: every [`~trl.GRPOConfig`] parameter, plus the teacher and its guidance.
+
+    TGPO (Teacher-Guided Policy Optimization, arXiv 2605.13230) teacher-forces a teacher on the student's own rollouts
+    and adds, next to the GRPO policy term, a dense guidance term pulling the student towards the teacher's prediction
+    at every completion token: `L = L_GRPO + lambda_k * G`. The paper's baselines are the other `guidance` modes.
+
+    Parameters:
+        > Parameters that control the teacher
+
+        teacher_model_name_or_path (`str`, *optional*):
+            Hub id or local path of the teacher, loaded with `AutoModelForCausalLM.from_pretrained`. A model object
+            passed to the trainer as `teacher_model` takes precedence. The teacher must share the student's token ids
+            (a teacher whose embedding matrix is only padded further, e.g. Qwen2.5-72B for a Qwen2.5-1.5B student, is
+            fine).
+        teacher_model_revision (`str`, *optional*):
+            Revision (branch, tag or commit) of the teacher.
+        teacher_model_init_kwargs (`str` or `dict[str, Any]`, *optional*):
+            Keyword arguments for the teacher's `from_pretrained` (e.g. `{"dtype": "bfloat16"}`).
+
+        > Parameters that control the guidance
+
+        guidance (`str`, *optional*, defaults to `"tgpo"`):
+            The guidance term added to the GRPO objective:
+
+            - `"tgpo"`: cross-entropy to the teacher's argmax, `-log p_s(argmax p_T)` (the paper's TGPO).
+            - `"tgpo_sample"`: cross-entropy to a token sampled from the teacher, `-log p_s(v), v ~ p_T` (TGPO-MC).
+            - `"tgpo_topk"`: forward KL from the teacher renormalised on its top-k to the student (soft TGPO).
+            - `"rkl_topk"`: reverse KL on the teacher's top-k, both renormalised there (ablation).
+            - `"rkl_k3"`: k3 estimate of the reverse KL at the sampled token (ablation).
+            - `"kdrl"`: k2 penalty `0.5 (log p_s - log p_T)^2` at the sampled token (KDRL baseline).
+            - `"opd"`: reverse-KL on-policy distillation, per-token advantage `lambda_k (log p_T - log p_old)`.
+            - `"none"`: plain GRPO (the teacher, if any, is only scored for the `gap/*` metrics).
+        guidance_coef (`float`, *optional*, defaults to `0.002`):
+            Initial guidance coefficient `lambda_0`.
+        guidance_schedule (`str`, *optional*, defaults to `"linear"`):
+            `"linear"`: `lambda_k = lambda_0 * max(0, 1 - (k - 1) / D)` for the 1-based optimizer step `k`;
+            `"constant"`: `lambda_k = lambda_0`.
+        guidance_decay_steps (`int`, *optional*, defaults to `200`):
+            `D`, the number of optimizer steps over which the linear schedule decays to zero.
+        guidance_top_k (`int`, *optional*, defaults to `20`):
+            Number of teacher tokens kept per position by `"tgpo_topk"` and `"rkl_topk"`.
+        use_task_reward (`bool`, *optional*, defaults to `True`):
+            Whether to keep the GRPO policy term driven by the reward functions. `False` trains on the guidance alone
+            (pure distillation); rewards are still computed and logged.
+    """
+
+    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or local path of the teacher model. A `teacher_model` object passed to the trainer "
+                  "takes precedence."},
+    )
+    teacher_model_revision: str | None = field(
+        default=None,
+        metadata={"help": "Revision (branch, tag or commit) of the teacher model."},
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for the teacher's `from_pretrained`, e.g. '{\"dtype\": \"bfloat16\"}'."},
+    )
+    guidance: str = field(
+        default="tgpo",
+        metadata={"help": "Guidance term added to the GRPO objective.", "choices": list(GUIDANCE_MODES)},
+    )
+    guidance_coef: float = field(
+        default=0.002,
+        metadata={"help": "Initial guidance coefficient lambda_0 (>= 0)."},
+    )
+    guidance_schedule: str = field(
+        default="linear",
+        metadata={
+            "help": "'linear': lambda_k = lambda_0 * max(0, 1 - (k-1)/D) for the 1-based optimizer step k; "
+            "'constant': lambda_k = lambda_0.",
+            "choices": list(GUIDANCE_SCHEDULES),
+        },
+    )
+    guidance_decay_steps: int = field(
+        default=200,
+        metadata={"help": "D: optimizer steps over which the linear schedule decays to zero (> 0)."},
+    )
+    guidance_top_k: int = field(
+        default=20,
+        metadata={"help": "Teacher tokens kept per position by the 'tgpo_topk' and 'rkl_topk' guidance (>= 1)."},
+    )
+    use_task_reward: bool = field(
+        default=True,
+        metadata={"help": "Keep the reward-driven GRPO policy term. False trains on the guidance alone."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.guidance not in GUIDANCE_MODES:
+            raise ValueError(f"`guidance` must be one of {list(GUIDANCE_MODES)}, got {self.guidance!r}.")
+        if self.guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(
+                f"`guidance_schedule` must be one of {list(GUIDANCE_SCHEDULES)}, got {self.guidance_schedule!r}."
+            )
+        if not self.guidance_coef >= 0:  # also refuses NaN
+            raise ValueError(f"`guidance_coef` must be >= 0, got {self.guidance_coef}.")
+        if self.guidance_decay_steps <= 0:
+            raise ValueError(f"`guidance_decay_steps` must be > 0, got {self.guidance_decay_steps}.")
+        if self.guidance_top_k < 1:
+            raise ValueError(f"`guidance_top_k` must be >= 1, got {self.guidance_top_k}.")
+        if not self.use_task_reward and self.guidance == "none":
+            raise ValueError(
+                "`use_task_reward=False` with `guidance='none'` leaves nothing to train: enable the task reward or "
+                "choose a guidance mode."
+            )
+
+    @property
+    def guidance_needs_teacher(self) -> bool:
+        return self.guidance != "none"

@@ -1,0 +1,153 @@
+"""The teacher: loading, the shared-vocabulary rule, and teacher-forced scoring of the student's rollouts."""
+
+import os
+from contextlib import nullcontext
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging
+from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
+
+from .lm_head import TeacherScores, install_teacher_scoring
+
+
+logger = logging.get_logger(__name__)
+
+
+def load_teacher(
+    name_or_path: str, revision: str | None, init_kwargs: dict | None, distributed: bool, trust_remote_code: bool
+) -> PreTrainedModel:
+    """Load the teacher like TRL loads a policy (`create_model_from_path`), with an error that names the field."""
+    kwargs = dict(init_kwargs or {})
+    if revision is not None:
+        kwargs.setdefault("revision", revision)
+    if distributed:  # device_map="auto" fails under DDP and DeepSpeed
+        kwargs["device_map"] = None
+    kwargs.setdefault("trust_remote_code", trust_remote_code)
+    try:
+        return create_model_from_path(name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Could not load the teacher from `teacher_model_name_or_path={name_or_path!r}`"
+            f"{f' (revision {revision!r})' if revision else ''}: {error}"
+        ) from error
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """Frozen, eval mode, dropout off: the teacher is a fixed function of the student's rollout."""
+    model.requires_grad_(False)
+    model.eval()
+    disable_dropout_in_model(model)
+    return model
+
+
+def find_teacher_tokenizer(
+    teacher: PreTrainedModel, name_or_path: str | None, revision: str | None, trust_remote_code: bool
+) -> PreTrainedTokenizerBase | None:
+    """The teacher's tokenizer if one can be found next to its weights, else None (the mapping is then unverifiable)."""
+    source = name_or_path or getattr(teacher, "name_or_path", None)
+    if not source:
+        return None
+    if name_or_path is None and not os.path.isdir(source):
+        return None  # a model object whose origin we cannot inspect offline
+    try:
+        return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
+def shared_vocab_size(
+    student_tokenizer: PreTrainedTokenizerBase,
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    teacher_tokenizer: PreTrainedTokenizerBase | None,
+) -> int:
+    """
+    Check that the teacher can score the student's tokens by id and return the number of leading ids both share.
+
+    TGPO compares token ids directly, so every token of the student's tokenizer must have the same id in the teacher's.
+    The teacher may know more tokens, or have a larger (padded) embedding: its logits are then restricted to the
+    student's ids, so padding rows and tokens the student cannot emit never become guidance targets.
+    """
+    student_vocab = student_tokenizer.get_vocab()
+    num_tokens = max(student_vocab.values()) + 1
+    if teacher_tokenizer is not None:
+        teacher_vocab = teacher_tokenizer.get_vocab()
+        differing = [token for token, index in student_vocab.items() if teacher_vocab.get(token) != index]
+        if differing:
+            examples = ", ".join(
+                f"{token!r}: student id {student_vocab[token]}, teacher id {teacher_vocab.get(token)}"
+                for token in sorted(differing, key=student_vocab.get)[:3]
+            )
+            raise ValueError(
+                f"The teacher's tokenizer maps tokens differently from the student's: {len(differing)} of "
+                f"{len(student_vocab)} student tokens have another id (or none) in the teacher ({examples}). TGPO "
+                "compares token ids, so the teacher must use the student's tokenizer (a teacher with extra tokens or a "
+                "padded embedding is fine)."
+            )
+    else:
+        logger.warning(
+            "No tokenizer was found for the teacher, so TGPO cannot check that it maps tokens like the student's. Pass "
+            "`teacher_processing_class` to the trainer to have it checked."
+        )
+    teacher_rows = teacher.config.get_text_config().vocab_size
+    student_rows = student.config.get_text_config().vocab_size
+    if teacher_rows < num_tokens:
+        raise ValueError(
+            f"The teacher's vocabulary ({teacher_rows} ids) is smaller than the student tokenizer's ({num_tokens} ids): "
+            "the teacher cannot score every token the student can produce."
+        )
+    return min(num_tokens, student_rows, teacher_rows)
+
+
+def prepare_teacher(teacher: PreTrainedModel, vocab_size: int) -> PreTrainedModel:
+    """Freeze the teacher and give it its chunked scoring forward (before any accelerator wrapping)."""
+    freeze(teacher)
+    install_teacher_scoring(teacher, vocab_size)
+    return teacher
+
+
+@torch.no_grad()
+def score_completions(
+    teacher,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    batch_size: int,
+    top_k: int = 0,
+    sample: bool = False,
+    autocast=None,
+) -> TeacherScores:
+    """
+    Teacher-force `teacher` on `prompt + completion` and score every completion position: one forward per
+    `batch_size` rows. Returns `(B, T)` / `(B, T, K)` scores aligned with `completion_ids`; masked positions hold
+    zeros and `valid=False`.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, : prompt_ids.size(1)] = -100
+    num_completion = completion_ids.size(1)
+    request = {"top_k": top_k, "sample": sample}
+    chunks = []
+    for start in range(0, input_ids.size(0), batch_size):
+        rows = slice(start, start + batch_size)
+        with autocast() if autocast is not None else nullcontext():
+            mask, scores = teacher(
+                input_ids=input_ids[rows], attention_mask=attention_mask[rows], labels=labels[rows],
+                teacher_scoring=request,
+            )
+        chunks.append(_unflatten(mask, scores, num_completion))
+    fields = [key for key, value in vars(chunks[0]).items() if value is not None]
+    return TeacherScores(**{key: torch.cat([getattr(chunk, key) for chunk in chunks]) for key in fields})
+
+
+def _unflatten(mask: torch.Tensor, scores: TeacherScores, num_completion: int) -> TeacherScores:
+    """Scatter the scores of the masked positions back to `(B, T, ...)` and keep the completion's `T` positions."""
+    def place(values):
+        full = values.new_zeros(*mask.shape, *values.shape[1:])
+        full[mask] = values
+        return full[:, -num_completion:]
+
+    return TeacherScores(**{key: place(value) for key, value in vars(scores).items() if value is not None})

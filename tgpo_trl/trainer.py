@@ -1,0 +1,316 @@
+import textwrap
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging
+from trl import GRPOTrainer
+from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed
+
+from . import guidance as G
+from .config import TGPOConfig
+from .lm_head import StudentLogProbs
+from .teacher import find_teacher_tokenizer, load_teacher, prepare_teacher, score_completions, shared_vocab_size
+
+
+logger = logging.get_logger(__name__)
+
+# What each guidance mode needs from the teacher and gathers from the student, besides `log p(y_t)`
+_EXTRA_IDS = {"tgpo": "teacher_argmax", "tgpo_sample": "teacher_sample", "tgpo_topk": "teacher_topk_ids",
+              "rkl_topk": "teacher_topk_ids"}
+
+
+class TGPOTrainer(GRPOTrainer):
+    """
+    Trainer for Teacher-Guided Policy Optimization (TGPO), from [Teacher-Guided Policy Optimization for On-Policy
+    Reasoning Distillation under Large Policy Divergence](https://huggingface.co/papers/2605.13230).
+
+    A drop-in [`~trl.GRPOTrainer`]: same arguments, reward functions, loss types, vLLM and PEFT options, plus a teacher.
+    Once per generation batch the teacher is teacher-forced on the student's own rollouts; the loss is the GRPO
+    objective plus `lambda_k` times the guidance term chosen by `args.guidance` (see [`TGPOConfig`] and
+    `tgpo_trl.guidance`).
+
+    Example:
+
+    ```python
+    >>> from tgpo_trl import TGPOConfig, TGPOTrainer
+    >>> from trl.rewards import accuracy_reward
+
+    >>> trainer = TGPOTrainer(
+    ...     model="Qwen/Qwen2.5-Math-1.5B",
+    ...     reward_funcs=accuracy_reward,
+    ...     args=TGPOConfig(output_dir="out", teacher_model_name_or_path="Qwen/Qwen2.5-Math-7B-Instruct"),
+    ...     train_dataset=dataset,
+    ... )
+    >>> trainer.train()
+    ```
+
+    Args:
+        model, reward_funcs, args, train_dataset, eval_dataset, processing_class, reward_processing_classes, callbacks,
+        optimizers, quantization_config, peft_config, tools, rollout_func, environment_factory:
+            As in [`~trl.GRPOTrainer`]; `args` must be a [`TGPOConfig`].
+        teacher_model (`str` or [`~transformers.PreTrainedModel`], *optional*):
+            The teacher. Overrides `args.teacher_model_name_or_path`. It is frozen, put in eval mode with dropout off,
+            and never handed to the optimizer; it must share the student's token ids.
+        teacher_processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
+            The teacher's tokenizer, used only to check that it maps tokens like the student's. Found next to the
+            teacher's weights when not given.
+    """
+
+    _tag_names = ["trl", "tgpo"]
+    _name = "TGPO"
+    _paper = {
+        "title": "Teacher-Guided Policy Optimization for On-Policy Reasoning Distillation under Large Policy Divergence",
+        "id": "2605.13230",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{tgpo2026,
+                title        = {{Teacher-Guided Policy Optimization for On-Policy Reasoning Distillation under Large Policy Divergence}},
+                author       = {Xinyu Liu and Bei Li and Chunyang Xiao and Jiahao Liu and Jingang Wang and JingBo Zhu and Junhao Ruan and Kechen Jiao and Qifan Wang and Runsong Zhao and Tong Xiao and Xin Chen},
+                year         = 2026,
+                eprint       = {arXiv:2605.13230},
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: TGPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
+        teacher_model: "str | PreTrainedModel | None" = None,
+        teacher_processing_class: PreTrainedTokenizerBase | None = None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = TGPOConfig(f"{name.split('/')[-1]}-TGPO")
+        elif not isinstance(args, TGPOConfig):
+            raise TypeError(f"`args` must be a `TGPOConfig`, got `{type(args).__name__}`.")
+        if teacher_model is not None and teacher_model is model:
+            raise ValueError("`teacher_model` is the student model itself: pass a separate teacher.")
+
+        # The teacher is resolved first, so a missing or unloadable one fails before the student is built
+        teacher_path = teacher_model if isinstance(teacher_model, str) else args.teacher_model_name_or_path
+        if teacher_model is None and teacher_path is None and args.guidance_needs_teacher:
+            raise ValueError(
+                f"`guidance={args.guidance!r}` needs a teacher: set `teacher_model_name_or_path` in the config or pass "
+                "`teacher_model` to the trainer (or use `guidance='none'` for plain GRPO)."
+            )
+        if isinstance(teacher_model, PreTrainedModel):
+            teacher, teacher_path = teacher_model, None
+            if args.teacher_model_init_kwargs is not None:
+                logger.warning("`teacher_model_init_kwargs` is ignored: the teacher was passed as a model object.")
+        elif teacher_path is not None:
+            teacher = load_teacher(
+                teacher_path,
+                args.teacher_model_revision,
+                args.teacher_model_init_kwargs,
+                args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"),
+                args.trust_remote_code,
+            )
+        else:
+            teacher = None
+
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+            tools=tools,
+            rollout_func=rollout_func,
+            environment_factory=environment_factory,
+        )
+
+        self.guidance = args.guidance
+        self.teacher_model = None
+        if teacher is None:
+            return
+        if self.aux_loss_enabled:
+            raise ValueError(
+                "TGPO gathers the student's log-probabilities with its own fused LM head, which does not return the "
+                "MoE load-balancing loss: set `router_aux_loss_coef=0.0` to train a Mixture-of-Experts student."
+            )
+        if teacher_processing_class is None:
+            teacher_processing_class = find_teacher_tokenizer(
+                teacher, teacher_path, args.teacher_model_revision, args.trust_remote_code
+            )
+        self.teacher_vocab_size = shared_vocab_size(self._tokenizer, self.model, teacher, teacher_processing_class)
+        prepare_teacher(teacher, self.teacher_vocab_size)
+        if self.is_deepspeed_enabled:
+            self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        student = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        self._student_logps = StudentLogProbs(student, self.temperature, args.cast_lm_head_to_fp32)
+
+    # ------------------------------------------------------------------ schedule
+
+    @property
+    def guidance_coef(self) -> float:
+        """`lambda_k` of the optimizer step being taken (`k = global_step + 1`, so it resumes with the checkpoint)."""
+        args = self.args
+        return G.guidance_coef(
+            self.state.global_step + 1, args.guidance_coef, args.guidance_schedule, args.guidance_decay_steps
+        )
+
+    # ------------------------------------------------------------------ teacher scoring
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        if self.teacher_model is None:
+            return output
+        mode = "train" if self.model.training else "eval"
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        scores = score_completions(
+            self.teacher_model,
+            output["prompt_ids"],
+            output["prompt_mask"],
+            output["completion_ids"],
+            output["completion_mask"],
+            batch_size=batch_size,
+            top_k=self.args.guidance_top_k if self.guidance in ("tgpo_topk", "rkl_topk") else 0,
+            sample=self.guidance == "tgpo_sample",
+            autocast=self.accelerator.autocast,
+        )
+        self._check_teacher_output(scores.valid, self._loss_mask(output), mode)
+        output.update(scores.as_dict())
+
+        if self.guidance == "opd":
+            output["advantages"] = self._opd_advantages(output)
+        elif not self.args.use_task_reward:
+            output["advantages"] = torch.zeros_like(output["advantages"])
+        return output
+
+    @staticmethod
+    def _loss_mask(inputs: dict[str, Any]) -> torch.Tensor:
+        mask = inputs["completion_mask"]
+        return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
+
+    def _check_teacher_output(self, valid: torch.Tensor, mask: torch.Tensor, mode: str) -> None:
+        """
+        Tokens where the teacher's output is not finite are left out of the guidance and counted in
+        `guidance/skipped_tokens`; a teacher with no finite output on a whole generation batch is broken, and stops the
+        run before it trains on nothing but noise.
+        """
+        counts = torch.stack([(mask.bool() & ~valid).sum(), mask.sum()]).float()
+        skipped, total = self.accelerator.reduce(counts, reduction="sum").tolist()
+        self._metrics[mode]["guidance/skipped_tokens"].append(skipped)
+        if total > 0 and skipped == total:
+            raise FloatingPointError(
+                "The teacher produced non-finite outputs (NaN or inf) at every completion token of this batch: its "
+                "weights are broken or its dtype overflows. Check the teacher checkpoint or load it in float32/bfloat16 "
+                "via `teacher_model_init_kwargs`."
+            )
+        if skipped:
+            logger.warning_once(
+                "The teacher produced non-finite outputs at some tokens; they are left out of the guidance and counted "
+                "in `guidance/skipped_tokens`."
+            )
+
+    def _opd_advantages(self, output: dict[str, Any]) -> torch.Tensor:
+        """Per-token RKL advantage from the rollout policy's log-probs, plus the GRPO advantage with a task reward."""
+        old_logps = output.get("old_per_token_logps")
+        if old_logps is None:  # GRPO skips them when the rollout policy is the current one: compute them once here
+            old_logps = self._rollout_logps(output)
+        advantages = G.opd_advantages(output["teacher_logps"], old_logps, self.guidance_coef)
+        advantages = advantages * output["teacher_valid"]
+        if self.args.use_task_reward:
+            advantages = advantages + output["advantages"].unsqueeze(1)
+        return advantages
+
+    @torch.no_grad()
+    def _rollout_logps(self, output: dict[str, Any]) -> torch.Tensor:
+        mode = "train" if self.model.training else "eval"
+        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1),
+                torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1),
+                output["completion_ids"].size(1),
+                batch_size=batch_size,
+            )
+        return logps
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.teacher_model is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        ids_key = _EXTRA_IDS.get(self.guidance)
+        completion_ids = inputs["completion_ids"]
+        extra_ids = inputs[ids_key] if ids_key else completion_ids.new_zeros(*completion_ids.shape, 0)
+        if extra_ids.dim() == 2:
+            extra_ids = extra_ids.unsqueeze(-1)
+        with self._student_logps.gather(extra_ids) as gathered:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        student_logps, student_extra_logps = gathered.result
+
+        mode = "train" if self.model.training else "eval"
+        mask = self._loss_mask(inputs).bool() & inputs["teacher_valid"]
+        per_token = self._guidance_per_token(student_logps, student_extra_logps, inputs)
+        coef = self.guidance_coef
+        if per_token is not None:
+            per_token = per_token.masked_fill(~mask, 0.0)  # a skipped teacher token contributes nothing, not NaN
+            loss = loss + coef * G.aggregate(
+                per_token, mask, self.loss_type, self.max_completion_length, **self._normalizer(inputs, mode)
+            )
+
+        log_ratio = (student_logps.detach() - inputs["teacher_logps"]).masked_fill(~mask, 0.0)
+        metrics = self._metrics[mode]
+        if self.guidance != "none":
+            # opd's term is the reverse KL its advantage minimises
+            term = per_token.detach() if per_token is not None else log_ratio
+            metrics["guidance/loss"].append(self._global_token_mean(term, mask))
+            metrics["guidance/coef"].append(coef)
+        metrics["gap/reverse_kl"].append(self._global_token_mean(log_ratio, mask))
+        mismatch = (inputs["teacher_argmax"] != completion_ids).float()
+        metrics["gap/mismatch_ratio"].append(self._global_token_mean(mismatch, mask))
+        return loss
+
+    def _guidance_per_token(self, student_logps, student_extra_logps, inputs) -> torch.Tensor | None:
+        """The `(B, T)` guidance term of `self.guidance` (None for the modes without a differentiable term)."""
+        if self.guidance == "tgpo":
+            return G.tgpo_hard(student_extra_logps[..., 0])
+        if self.guidance == "tgpo_sample":
+            return G.tgpo_sample(student_extra_logps[..., 0])
+        if self.guidance == "tgpo_topk":
+            return G.tgpo_topk(student_extra_logps, inputs["teacher_topk_logps"])
+        if self.guidance == "rkl_topk":
+            return G.rkl_topk(student_extra_logps, inputs["teacher_topk_logps"])
+        if self.guidance == "rkl_k3":
+            return G.rkl_k3(student_logps, inputs["teacher_logps"])
+        if self.guidance == "kdrl":
+            return G.kdrl_k2(student_logps, inputs["teacher_logps"])
+        return None
+
+    def _normalizer(self, inputs, mode: str) -> dict[str, Any]:
+        """The accumulation factor and token count GRPO divides its policy term by, for `guidance.aggregate`."""
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":  # `num_items_in_batch` spans the generation batch: rescale it to one accumulation window
+            num_items = num_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return {"accumulation_steps": accumulation, "num_items": num_items}
+
+    def _global_token_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        local = torch.stack([(values * mask).sum(), mask.sum()]).float()
+        total, count = self.accelerator.reduce(local, reduction="sum").tolist()
+        return total / max(count, 1.0)
