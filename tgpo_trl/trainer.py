@@ -1,12 +1,16 @@
+import functools
 import textwrap
 from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed
+from trl.trainer.utils import is_async_callable
 
 from . import guidance as G
 from .config import TGPOConfig
@@ -19,6 +23,42 @@ logger = logging.get_logger(__name__)
 # What each guidance mode needs from the teacher and gathers from the student, besides `log p(y_t)`
 _EXTRA_IDS = {"tgpo": "teacher_argmax", "tgpo_sample": "teacher_sample", "tgpo_topk": "teacher_topk_ids",
               "rkl_topk": "teacher_topk_ids"}
+
+
+def _check_dataset(dataset, name: str, needs_prompt: bool) -> None:
+    """A dataset GRPO would only trip over at its first generation (no `prompt`), or train nothing on (empty)."""
+    if not isinstance(dataset, (Dataset, IterableDataset)):
+        return  # None, or a type GRPO itself refuses
+    columns = dataset.column_names  # None for an iterable dataset whose features are unknown
+    if needs_prompt and columns is not None and "prompt" not in columns:
+        raise ValueError(
+            f"`{name}` has no `prompt` column (its columns: {columns}): GRPO and TGPO generate from the `prompt` "
+            "column. Rename the column that holds the prompts to `prompt`."
+        )
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"`{name}` is empty (0 rows): it needs at least one prompt.")
+
+
+def _name_reward_errors(reward_func, name: str):
+    """`reward_func`, sync or async as it was, re-raising its errors as a `RuntimeError` that names it."""
+    def error(exception):
+        return RuntimeError(f"Reward function {name!r} raised {type(exception).__name__}: {exception}")
+
+    if is_async_callable(reward_func):
+        @functools.wraps(reward_func)
+        async def wrapper(*args, **kwargs):
+            try:
+                return await reward_func(*args, **kwargs)
+            except Exception as exception:
+                raise error(exception) from exception
+    else:
+        @functools.wraps(reward_func)
+        def wrapper(*args, **kwargs):
+            try:
+                return reward_func(*args, **kwargs)
+            except Exception as exception:
+                raise error(exception) from exception
+    return wrapper
 
 
 class TGPOTrainer(GRPOTrainer):
@@ -99,6 +139,10 @@ class TGPOTrainer(GRPOTrainer):
             raise TypeError(f"`args` must be a `TGPOConfig`, got `{type(args).__name__}`.")
         if teacher_model is not None and teacher_model is model:
             raise ValueError("`teacher_model` is the student model itself: pass a separate teacher.")
+        # Malformed data fails here, before the teacher and the student are loaded, not at the first generation
+        _check_dataset(train_dataset, "train_dataset", needs_prompt=environment_factory is None)
+        for name, dataset in (eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]):
+            _check_dataset(dataset, "eval_dataset" + (f"[{name!r}]" if name else ""), environment_factory is None)
 
         # The teacher is resolved first, so a missing or unloadable one fails before the student is built
         teacher_path = teacher_model if isinstance(teacher_model, str) else args.teacher_model_name_or_path
@@ -170,6 +214,20 @@ class TGPOTrainer(GRPOTrainer):
         return G.guidance_coef(
             self.state.global_step + 1, args.guidance_coef, args.guidance_schedule, args.guidance_decay_steps
         )
+
+    # ------------------------------------------------------------------ rewards
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # GRPO lets a reward function's exception through unnamed: name it (reward models are left as they are)
+        reward_funcs = self.reward_funcs
+        self.reward_funcs = [
+            func if isinstance(func, nn.Module) else _name_reward_errors(func, name)
+            for func, name in zip(reward_funcs, self.reward_func_names, strict=True)
+        ]
+        try:
+            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        finally:
+            self.reward_funcs = reward_funcs
 
     # ------------------------------------------------------------------ teacher scoring
 
