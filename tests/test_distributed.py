@@ -1,0 +1,217 @@
+"""
+TGPO across processes, launched for real: `accelerate launch` with the 2-process CPU variants of recipes/accelerate/
+(DeepSpeed ZeRO-3 over gloo, and plain data parallelism), checked against one process. Each launch runs several
+scenarios of tests/distributed/run_tgpo.py, which writes what every rank saw to JSON; the tests read those files and
+the models the runs saved.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tgpo_trl.demo.models import tiny_qwen2
+from tgpo_trl.demo.tokenizer import build_char_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "distributed" / "run_tgpo.py"
+RECIPES = ROOT / "recipes" / "accelerate"
+# Logged values that must agree between 1 and 2 processes (timings aside)
+COMPARED = ("loss", "grad_norm", "guidance/loss", "guidance/coef", "gap/reverse_kl", "gap/mismatch_ratio", "entropy")
+
+
+def free_port() -> int:
+    # Other test sessions may run on this machine: never rely on torchrun's default port
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_worker(models: Path, out: Path, scenarios: list[str], recipe: str | None = None) -> dict[str, list[dict]]:
+    """Run the worker in one process, or under `accelerate launch --config_file recipe`: the reports, per scenario and
+    rank."""
+    command = [str(WORKER), "--models", str(models), "--out", str(out), "--scenarios", ",".join(scenarios)]
+    if recipe is None:
+        command = [sys.executable, *command]
+    else:
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / recipe)]
+        command = [*launch, "--main_process_port", str(free_port()), *command]
+    # The environment (HF_HUB_OFFLINE=1 from conftest among it) is inherited by the launcher and every rank
+    result = subprocess.run(
+        command, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=420, check=False
+    )
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return {
+        name: [json.loads(path.read_text()) for path in sorted((out / name).glob("rank*.json"))] for name in scenarios
+    }
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny student and a larger teacher with a padded embedding, saved with the tokenizer, loaded by path."""
+    directory = tmp_path_factory.mktemp("models")
+    tokenizer = build_char_tokenizer()
+    student = tiny_qwen2(tokenizer, hidden_size=32, num_layers=2, seed=0)
+    teacher = tiny_qwen2(tokenizer, hidden_size=48, num_layers=2, seed=1, vocab_size=len(tokenizer) + 7)
+    for name, model in (("student", student), ("teacher", teacher)):
+        model.save_pretrained(directory / name)
+        tokenizer.save_pretrained(directory / name)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def single(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    return out, run_worker(models, out, ["step"])
+
+
+@pytest.fixture(scope="module")
+def zero3(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero3")
+    return out, run_worker(models, out, ["step", "resume", "lora"], recipe="zero3_cpu_2proc.yaml")
+
+
+@pytest.fixture(scope="module")
+def ddp(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    return out, run_worker(models, out, ["step", "resume"], recipe="ddp_cpu_2proc.yaml")
+
+
+def training_rows(log_history: list[dict]) -> list[dict]:
+    return [row for row in log_history if "loss" in row]
+
+
+def assert_half_on_each_rank(summaries: list[dict]):
+    """ZeRO-3: every parameter partitioned, each of the 2 ranks owning half of the elements (+1 padding at most)."""
+    for summary in summaries:
+        assert summary["num_partitioned"] == summary["num_params"] > 0
+        assert summary["total"] / 2 <= summary["partition"] <= summary["total"] / 2 + summary["num_params"]
+    assert sum(summary["partition"] for summary in summaries) >= summaries[0]["total"]
+
+
+def assert_same_step(reports: list[dict], reference: dict, out: Path, reference_out: Path, models: Path):
+    """The logged step and the saved weights of a multi-process run equal those of one process."""
+    assert [report["world_size"] for report in reports] == [2, 2]
+    (expected,) = training_rows(reference["log_history"])
+    for report in reports:  # every rank logs the same, global, values
+        (row,) = training_rows(report["log_history"])
+        for key in COMPARED:
+            assert row[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    assert expected["guidance/loss"] > 0 and expected["guidance/coef"] == 0.5
+
+    # SGD without clipping: the weight change is -lr * gradient, so equal weights are equal gradient steps
+    initial = load_file(models / "student" / "model.safetensors")
+    one = load_file(reference_out / "step" / "final" / "model.safetensors")
+    two = load_file(out / "step" / "final" / "model.safetensors")
+    assert one.keys() == two.keys() == initial.keys()
+    moved = max((one[name] - initial[name]).abs().max().item() for name in initial)
+    assert moved > 1e-3
+    for name in initial:
+        torch.testing.assert_close(two[name] - initial[name], one[name] - initial[name], atol=1e-6, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed ZeRO-3
+
+
+def test_zero3_partitions_teacher_and_student(zero3):
+    _, reports = zero3
+    step = reports["step"]
+    assert all(report["teacher_is_deepspeed_engine"] and report["student_is_deepspeed_engine"] for report in step)
+    assert_half_on_each_rank([report["teacher"] for report in step])
+    for report in step:
+        # Prepared, the teacher holds no full parameter; after scoring, at most those ZeRO-3 keeps whole by design
+        # (below `stage3_param_persistence_threshold`, 1e5 elements: for a 30B teacher its norms, here all of them)
+        assert report["teacher"]["resident"] == 0
+        assert report["teacher_after_step"]["resident"] <= report["teacher_after_step"]["persistent"]
+    assert_half_on_each_rank([report["student"] for report in step])
+
+
+def test_zero3_step_equals_one_process(zero3, single, models):
+    out, reports = zero3
+    single_out, single_reports = single
+    assert_same_step(reports["step"], single_reports["step"][0], out, single_out, models)
+
+
+def test_zero3_final_model_is_a_hugging_face_checkpoint(zero3, single):
+    out, _ = zero3
+    single_out, _ = single
+    # Gathered on save (`zero3_save_16bit_model`): the whole model, not ZeRO partitions, loadable without DeepSpeed
+    final = out / "step" / "final"
+    assert not list(final.glob("global_step*")) and not (final / "pytorch_model.bin").exists()
+    model = AutoModelForCausalLM.from_pretrained(final)
+    reference = AutoModelForCausalLM.from_pretrained(single_out / "step" / "final")
+    for (name, param), (_, expected) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        assert param.shape == expected.shape and param.numel() > 0, name
+        torch.testing.assert_close(param, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_zero3_checkpoint_resumes_the_guidance_schedule(zero3, models):
+    out, reports = zero3
+    # lambda_k = 0.5 * (1 - (k - 1) / 4): 0.5, 0.375 before the checkpoint; a fresh start would log 0.5 again
+    for report in reports["resume"]:
+        assert [row["guidance/coef"] for row in training_rows(report["first_log_history"])] == [0.5, 0.375]
+        resumed = training_rows(report["resumed_log_history"])
+        assert [row["step"] for row in resumed] == [1, 2, 3]  # steps 1-2 restored from the checkpoint, 3 trained
+        assert resumed[-1]["guidance/coef"] == 0.25
+        assert resumed[-1]["guidance/loss"] > 0
+    assert_half_on_each_rank([report["teacher"] for report in reports["resume"]])
+    checkpoint = out / "resume" / "checkpoint-2"
+    # DeepSpeed's own checkpoint: each rank's partition of the parameters and of the optimizer state
+    partitions = {tuple(re.search(r"zero_pp_rank_(\d+)_mp_rank_00_(\w+)_states", path.name).groups())
+                  for path in (checkpoint / "global_step2").iterdir()}
+    assert partitions == {(rank, kind) for rank in "01" for kind in ("model", "optim")}
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 2
+    # A bfloat16 run saves the gathered 16-bit weights, whole
+    final = load_file(out / "resume" / "final" / "model.safetensors")
+    initial = load_file(models / "student" / "model.safetensors")
+    assert {name: weight.shape for name, weight in final.items()} == {name: w.shape for name, w in initial.items()}
+    assert {weight.dtype for weight in final.values()} == {torch.bfloat16}
+
+
+def test_zero3_lora_student_saves_its_adapter(zero3, models):
+    out, reports = zero3
+    for report in reports["lora"]:  # with the top-k guidance ("tgpo_topk") this time
+        assert report["trainable"] and all(".lora_" in name for name in report["trainable"])
+        (row,) = training_rows(report["log_history"])
+        assert row["guidance/loss"] > 0
+    assert_half_on_each_rank([report["teacher_loaded"] for report in reports["lora"]])  # by `zero.Init`, at load
+    assert_half_on_each_rank([report["teacher"] for report in reports["lora"]])
+    final = out / "lora" / "final"
+    assert (final / "adapter_config.json").exists() and not (final / "model.safetensors").exists()
+    adapter = load_file(final / "adapter_model.safetensors")
+    assert adapter and all("lora_" in name for name in adapter)
+    for name, weight in adapter.items():
+        assert weight.shape in ((4, 32), (32, 4)), name  # gathered, not the empty ZeRO-3 placeholders
+    # lora_B starts at zero: the step moved it
+    assert max(weight.abs().max().item() for name, weight in adapter.items() if "lora_B" in name) > 0
+    student = AutoModelForCausalLM.from_pretrained(models / "student")
+    PeftModel.from_pretrained(student, final)
+
+
+# ---------------------------------------------------------------------------------------------- data parallel
+
+
+def test_ddp_step_equals_one_process(ddp, single, models):
+    out, reports = ddp
+    single_out, single_reports = single
+    assert_same_step(reports["step"], single_reports["step"][0], out, single_out, models)
+    for report in reports["step"]:  # a full teacher on each process
+        assert report["teacher"]["num_partitioned"] == 0
+        assert report["teacher"]["partition"] == report["teacher"]["resident"] == report["teacher"]["total"]
+
+
+def test_ddp_checkpoint_resumes_the_guidance_schedule(ddp):
+    out, reports = ddp
+    for report in reports["resume"]:
+        resumed = training_rows(report["resumed_log_history"])
+        assert [row["guidance/coef"] for row in resumed] == [0.5, 0.375, 0.25]
+    assert AutoModelForCausalLM.from_pretrained(out / "resume" / "final").num_parameters() > 0
