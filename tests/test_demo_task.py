@@ -1,0 +1,183 @@
+import dataclasses
+import json
+import os
+import random
+
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from tgpo_trl.demo import build  # noqa: E402
+from tgpo_trl.demo.evaluate import greedy_completions, greedy_evaluation, teacher_mismatch_ratio  # noqa: E402
+from tgpo_trl.demo.task import (  # noqa: E402
+    MAX_COMPLETION_LENGTH,
+    STYLES,
+    build_dataset,
+    extract_answer,
+    make_problem,
+    solution_text,
+)
+from tgpo_trl.demo.tokenizer import build_char_tokenizer  # noqa: E402
+
+
+PROBLEM = {"numbers": [47, 38, 29], "question": "47+38+29", "answer": "114"}
+
+
+def test_make_problem_is_seeded_and_consistent():
+    a, b = make_problem(random.Random(3)), make_problem(random.Random(3))
+    assert a == b
+    assert a["question"] == "+".join(map(str, a["numbers"]))
+    assert int(a["answer"]) == sum(a["numbers"])
+
+
+def test_solution_styles():
+    assert solution_text(PROBLEM, "teacher") == "7+8+9=24\n4+3+2+2=11\n#### 114"
+    assert solution_text(PROBLEM, "alt") == "47+38=85\n85+29=114\n#### 114"
+    assert solution_text(PROBLEM, "bare") == "#### 114"
+    with pytest.raises(ValueError, match="teacher, alt, bare"):
+        solution_text(PROBLEM, "verbose")
+
+
+def test_every_style_is_correct_and_fits_the_completion_budget():
+    rng = random.Random(0)
+    for _ in range(2000):
+        problem = make_problem(rng)
+        for style in STYLES:
+            text = solution_text(problem, style)
+            assert extract_answer(text) == problem["answer"]
+            assert len(text) < MAX_COMPLETION_LENGTH  # one char = one token, plus <eos>
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("4+3=7\n#### 53", "53"),
+        ("####53", "53"),
+        ("#### -7", "-7"),
+        ("#### 007", "7"),
+        ("#### 12\n#### 13", "12"),
+        ("#### ", None),
+        ("53", None),
+        ("## 53", None),
+        ("", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_build_dataset_columns_and_answers():
+    dataset = build_dataset(50, seed=0, split="train")
+    assert dataset.column_names == ["prompt", "answer"]
+    assert len(dataset) == 50
+    for prompt, answer in zip(dataset["prompt"], dataset["answer"]):
+        assert [message["role"] for message in prompt] == ["user"]
+        assert sum(map(int, prompt[0]["content"].split("+"))) == int(answer)
+
+
+def test_build_dataset_splits_are_disjoint_for_any_seeds():
+    def questions(n, seed, split):
+        return {p[0]["content"] for p in build_dataset(n, seed, split)["prompt"]}
+
+    train = questions(3000, 0, "train") | questions(3000, 1, "train")
+    test = questions(500, 0, "test") | questions(500, 1, "test")
+    assert len(test) > 500  # different seeds draw different problems...
+    assert not train & test  # ...but never across splits
+    assert questions(100, 0, "test") == questions(100, 0, "test")
+    with pytest.raises(ValueError, match="split"):
+        build_dataset(1, 0, "validation")
+
+
+class SumOracle(torch.nn.Module):
+    """Stands in for a model: greedily "generates" `#### <sum>` for even sums and `#### 0` otherwise, then <eos> and
+    padding, like `generate` does for rows that finish early."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        rows = []
+        for text in self.tokenizer.batch_decode(input_ids, skip_special_tokens=True):
+            total = sum(map(int, text.split("+")))
+            completion = f"#### {total if total % 2 == 0 else 0}"
+            ids = self.tokenizer(completion, add_special_tokens=False)["input_ids"]
+            rows.append(ids + [self.tokenizer.eos_token_id])
+        width = max(map(len, rows)) + 3
+        rows = [row + [self.tokenizer.pad_token_id] * (width - len(row)) for row in rows]
+        return torch.cat([input_ids, torch.tensor(rows)], 1)
+
+
+def test_greedy_evaluation_scores_exact_matches_and_lengths():
+    tokenizer = build_char_tokenizer()
+    dataset = build_dataset(70, seed=0, split="test")
+    evaluation = greedy_evaluation(SumOracle(tokenizer), tokenizer, dataset, MAX_COMPLETION_LENGTH, batch_size=16)
+    answers = [int(a) for a in dataset["answer"]]
+    assert evaluation.accuracy == sum(a % 2 == 0 for a in answers) / len(answers)
+    expected_lengths = [len(f"#### {a if a % 2 == 0 else 0}") + 1 for a in answers]  # <eos> counts, padding not
+    assert evaluation.mean_length == pytest.approx(sum(expected_lengths) / len(answers))
+
+
+@pytest.fixture(scope="module")
+def quick_build(tmp_path_factory):
+    return build.build_demo_models(tmp_path_factory.mktemp("demo-cache"), size="quick", progress=False)
+
+
+def test_quick_build_saves_loadable_models_and_report(quick_build):
+    report = json.loads((quick_build.root / "build.json").read_text())
+    assert report == quick_build.report
+    assert report["key"] == build.SIZES["quick"].key() and report["size"] == "quick"
+    tokenizer = AutoTokenizer.from_pretrained(quick_build.tokenizer)
+    assert tokenizer.get_vocab() == build_char_tokenizer().get_vocab()
+    for name in build.MODEL_NAMES:
+        path = getattr(quick_build, name)
+        spec = getattr(build.SIZES["quick"], name)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert model.config.hidden_size == spec.hidden_size
+        assert AutoTokenizer.from_pretrained(path).get_vocab() == tokenizer.get_vocab()
+        assert 0.0 <= report["models"][name]["accuracy"] <= 1.0
+    for name in ("student_large_gap", "student_small_gap"):
+        assert 0.0 <= report["models"][name]["teacher_mismatch_ratio"] <= 1.0
+
+
+def test_cached_build_is_reused(quick_build, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached build was retrained")
+
+    monkeypatch.setattr(build, "train_supervised", no_training)
+    again = build.build_demo_models(quick_build.root.parent, size="quick", progress=False)
+    assert again == quick_build
+
+
+def test_interrupted_build_leaves_nothing(monkeypatch, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "train_supervised", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_demo_models(tmp_path, size="quick", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_key_follows_settings_and_env(monkeypatch, tmp_path):
+    settings = build.SIZES["quick"]
+    changed = dataclasses.replace(settings, batch_size=settings.batch_size + 1)
+    assert changed.key() != settings.key() == build.SIZES["quick"].key()
+    monkeypatch.setenv("TGPO_DEMO_CACHE", str(tmp_path))
+    assert build.default_cache_dir() == tmp_path
+    with pytest.raises(ValueError, match="full, quick"):
+        build.build_demo_models(tmp_path, size="huge")
+
+
+def test_teacher_agrees_with_its_own_greedy_completions(quick_build):
+    """Teacher forcing on the teacher's own greedy tokens reproduces them (checks the prompt/completion alignment)."""
+    tokenizer = AutoTokenizer.from_pretrained(quick_build.tokenizer)
+    teacher = AutoModelForCausalLM.from_pretrained(quick_build.teacher)
+    prompts = build_dataset(40, seed=1, split="test")["prompt"]
+    completions = greedy_completions(teacher, tokenizer, prompts, MAX_COMPLETION_LENGTH, batch_size=16)
+    assert teacher_mismatch_ratio(teacher, tokenizer, prompts, completions, batch_size=16) <= 0.01
+    others = [[(token + 1) % len(tokenizer) for token in c] for c in completions]
+    assert teacher_mismatch_ratio(teacher, tokenizer, prompts, others, batch_size=16) > 0.5
