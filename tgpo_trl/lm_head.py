@@ -53,12 +53,17 @@ def _project(hidden, weight, bias, start, end, dtype, logit_scale, softcap, inv_
     if bias is not None:
         tile = tile + bias[start:end].to(dtype)
     # Accumulating statistics in fp32 keeps bf16 runs unbiased (entropy drifts otherwise, see TRL's kernel notes)
-    z = tile.float() * logit_scale
+    z = tile.float()
+    # A multiplication by 1.0 is a full pass and a tile-sized allocation: skip the usual no-op transforms
+    if logit_scale != 1.0:
+        z = z * logit_scale
     tanh = None
     if softcap is not None:
         tanh = torch.tanh(z / softcap)
         z = softcap * tanh
-    return z * inv_temperature, tanh
+    if inv_temperature != 1.0:
+        z = z * inv_temperature
+    return z, tanh
 
 
 class MultiTargetLogProb(torch.autograd.Function):
@@ -134,10 +139,12 @@ class MultiTargetLogProb(torch.autograd.Function):
                     if grad_entropy is not None:
                         # d H / dz_j = -p_j (log p_j + H)
                         grad_z -= grad_entropy[rows].float().unsqueeze(-1) * p * (log_p + entropy[rows].unsqueeze(-1))
-                    grad_z = grad_z * transform["inv_temperature"]
+                    if transform["inv_temperature"] != 1.0:
+                        grad_z = grad_z * transform["inv_temperature"]
                     if tanh is not None:
                         grad_z = grad_z * (1 - tanh * tanh)
-                    grad_z = grad_z * transform["logit_scale"]
+                    if transform["logit_scale"] != 1.0:
+                        grad_z = grad_z * transform["logit_scale"]
                     if grad_hidden is not None:
                         grad_hidden[rows] += grad_z @ weight[start:end].float()
                     if grad_weight is not None:
@@ -297,7 +304,10 @@ def score_rows(hidden, weight, bias, labels, vocab_size, logit_scale, softcap, t
         y = labels[rows]
         in_vocab = y < vocab_size
         logps = log_probs.gather(-1, y.clamp(max=vocab_size - 1).unsqueeze(-1)).squeeze(-1)
-        finite_rows = torch.isfinite(log_probs).all(-1)
+        # A row sum is finite only if every entry is (NaN and +-inf propagate). One reduction, where
+        # `isfinite(log_probs).all(-1)` takes several passes and allocations (twice log_softmax's time on the CPU); an
+        # overflowing sum (|log p| ~ 1e33 on average) would flag a finite row, which only skips its token.
+        finite_rows = torch.isfinite(log_probs.sum(-1))
         part = {
             "logps": torch.where(in_vocab & finite_rows, logps, 0.0),
             "argmax": log_probs.argmax(-1),
