@@ -359,7 +359,7 @@ def render_markdown(result, regimes, methods, pngs, records, seeds) -> str:
            if s.get("guidance_schedule", "linear") == "linear" else "constant")
         + f"; top-k = {s['guidance_top_k']}.",
         f"- `opd`: advantage `log p_T - log p_old`, coefficient {s['opd_coef']} (constant), no task reward.",
-        f"- `grpo`: no guidance (the teacher only scores, for the gap metrics).",
+        "- `grpo`: no guidance (the teacher only scores, for the gap metrics).",
         f"- {meta['runs']} runs, 1 torch thread each, {meta['parallel_runs']} in parallel; wall time "
         f"{meta['wall_seconds']} s (sum of run times {meta['run_seconds_total']} s).",
         "",

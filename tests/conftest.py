@@ -1,3 +1,4 @@
+import importlib.util
 import os
 
 
@@ -103,3 +104,11 @@ def generation_batch(tokenizer):
         "completion_ids": completion_ids,
         "completion_mask": completion_mask,
     }
+
+
+def load_script(path, name=None):
+    """Import a script (scripts/*.py, a generated worker) as a module, for its functions."""
+    spec = importlib.util.spec_from_file_location(name or os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,7 +1,7 @@
 """`scripts/benchmark.py`: its quick mode runs every method in both regimes and writes outputs of the right shape
 (not the numbers), and resumes from the per-run results it finds."""
 
-import importlib.util
+import conftest
 import json
 import math
 import os
@@ -18,10 +18,7 @@ METHODS = {"grpo", "opd", "kdrl", "tgpo", "tgpo_topk", "tgpo_sample"}
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return conftest.load_script(SCRIPT)
 
 
 def run_quick(results_dir, out_dir, *extra):

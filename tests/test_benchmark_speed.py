@@ -1,6 +1,6 @@
 """`scripts/benchmark_speed.py`: its quick mode runs and writes results of the right shape (not the numbers)."""
 
-import importlib.util
+import conftest
 import json
 import os
 import subprocess
@@ -18,10 +18,7 @@ MEMORY_CHECKS = {"tgpo_memory", "tgpo_topk_memory"}
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return conftest.load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")

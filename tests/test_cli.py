@@ -1,7 +1,7 @@
 """scripts/train.py: `--help`, the demo end to end at the reduced size, a user's local dataset with LoRA, the push to
 the Hub, and the one-line errors for bad input, raised before any model is loaded."""
 
-import importlib.util
+import conftest
 import json
 import os
 import subprocess
@@ -29,10 +29,7 @@ SMALL_RUN = ["--max_steps", "1", "--per_device_train_batch_size", "8", "--num_ge
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return conftest.load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Every recipe goes through the real parser of scripts/train.py: a renamed or removed field fails here."""
 
-import importlib.util
+import conftest
 import os
 from pathlib import Path
 
@@ -18,10 +18,7 @@ PAPER_GPUS = 8  # recipes/accelerate/zero3.yaml
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return conftest.load_script(ROOT / "scripts" / "train.py")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ see docs/reliability.md for the whole list.
 """
 
 import asyncio
-import importlib.util
+import conftest
 import json
 import math
 import os
@@ -329,9 +329,7 @@ def test_killed_run_resumes_the_guidance_schedule_from_its_checkpoint(tmp_path):
     assert resumed[0] == pytest.approx(before_kill[3])
 
     # 3. The checkpoint holds everything: an uninterrupted run in this process ends at the same weights
-    spec = importlib.util.spec_from_file_location("train_tgpo", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = conftest.load_script(script)
     module.main(str(tmp_path / "uninterrupted"), str(tmp_path / "uninterrupted.jsonl"), "full")
     uninterrupted = read_log(tmp_path / "uninterrupted.jsonl")
     assert len(uninterrupted) == 8
