@@ -46,6 +46,33 @@ def _cut_after_eos(ids: list[int], eos_id: int) -> list[int]:
 
 
 @torch.no_grad()
+def generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prefixes: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 64,
+    do_sample: bool = False,
+) -> list[list[int]]:
+    """Completion ids after token-id prefixes (greedy, or sampled at temperature 1), cut after the first <eos> (kept, as
+    GRPO's mask keeps it)."""
+    model.eval()
+    sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
+    completions = []
+    for start in range(0, len(prefixes), batch_size):
+        ids, mask = pad_rows(prefixes[start : start + batch_size], tokenizer.pad_token_id, "left")
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+        completions += [_cut_after_eos(row, tokenizer.eos_token_id) for row in out[:, ids.shape[1] :].tolist()]
+    return completions
+
+
 def greedy_completions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -53,22 +80,8 @@ def greedy_completions(
     max_new_tokens: int,
     batch_size: int = 64,
 ) -> list[list[int]]:
-    """Greedy completion ids for conversational prompts, cut after the first <eos> (kept, as GRPO's mask keeps it)."""
-    model.eval()
-    prompt_ids = encode_prompts(tokenizer, prompts)
-    completions = []
-    for start in range(0, len(prompt_ids), batch_size):
-        ids, mask = pad_rows(prompt_ids[start : start + batch_size], tokenizer.pad_token_id, "left")
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        completions += [_cut_after_eos(row, tokenizer.eos_token_id) for row in out[:, ids.shape[1] :].tolist()]
-    return completions
+    """Greedy completion ids for conversational prompts, cut after the first <eos>."""
+    return generate_completions(model, tokenizer, encode_prompts(tokenizer, prompts), max_new_tokens, batch_size)
 
 
 def greedy_evaluation(
@@ -128,3 +141,30 @@ def teacher_mismatch_ratio(
         mismatches += ((predicted != completion) & completion_mask.bool()).sum().item()
         tokens += completion_mask.sum().item()
     return mismatches / tokens
+
+
+def teacher_accuracy_from_prefixes(
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    rollouts: list[list[int]],
+    fraction: float,
+    max_new_tokens: int,
+    batch_size: int = 64,
+) -> float:
+    """Exact match when the teacher greedily finishes each student rollout cut after `fraction` of its tokens.
+
+    TGPO's target at a position is the teacher's prediction on the student's own prefix: this says whether that
+    prediction still leads anywhere once the prefix is the student's (1.0 = as good as from the prompt, 0 = the
+    teacher has no correct continuation to point at).
+    """
+    prefixes, heads = [], []
+    for prompt, rollout in zip(encode_prompts(tokenizer, dataset["prompt"]), rollouts, strict=True):
+        body = [token for token in rollout if token != tokenizer.eos_token_id]
+        head = body[: int(len(body) * fraction)]
+        prefixes.append(prompt + head)
+        heads.append(head)
+    continuations = generate_completions(teacher, tokenizer, prefixes, max_new_tokens, batch_size)
+    texts = tokenizer.batch_decode([h + c for h, c in zip(heads, continuations, strict=True)], skip_special_tokens=True)
+    correct = [extract_answer(text) == answer for text, answer in zip(texts, dataset["answer"], strict=True)]
+    return sum(correct) / len(correct)
