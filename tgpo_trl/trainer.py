@@ -236,14 +236,13 @@ class TGPOTrainer(GRPOTrainer):
         if self.teacher_model is None:
             return output
         mode = "train" if self.model.training else "eval"
-        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         scores = score_completions(
             self.teacher_model,
             output["prompt_ids"],
             output["prompt_mask"],
             output["completion_ids"],
             output["completion_mask"],
-            batch_size=batch_size,
+            batch_size=self._forward_batch_size,
             top_k=self.args.guidance_top_k if self.guidance in ("tgpo_topk", "rkl_topk") else 0,
             sample=self.guidance == "tgpo_sample",
             autocast=self.accelerator.autocast,
@@ -256,6 +255,12 @@ class TGPOTrainer(GRPOTrainer):
         elif not self.args.use_task_reward:
             output["advantages"] = torch.zeros_like(output["advantages"])
         return output
+
+    @property
+    def _forward_batch_size(self) -> int:
+        """Rows per no-grad forward over a generation batch, as GRPO chunks its own reference-model pass."""
+        args = self.args
+        return args.per_device_train_batch_size if self.model.training else args.per_device_eval_batch_size
 
     @staticmethod
     def _loss_mask(inputs: dict[str, Any]) -> torch.Tensor:
@@ -296,15 +301,13 @@ class TGPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _rollout_logps(self, output: dict[str, Any]) -> torch.Tensor:
-        mode = "train" if self.model.training else "eval"
-        batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             logps, _, _ = self._get_per_token_logps_and_entropies(
                 self.model,
                 torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1),
                 torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1),
                 output["completion_ids"].size(1),
-                batch_size=batch_size,
+                batch_size=self._forward_batch_size,
             )
         return logps
 
