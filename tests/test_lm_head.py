@@ -1,10 +1,13 @@
-"""The tiled multi-target LM head and the teacher's chunked scoring, against full-vocabulary references."""
+"""The student's extra log-probability columns and the teacher's chunked scoring, against full-vocabulary references."""
 
 import pytest
 import torch
 
 from tgpo_trl import lm_head
-from tgpo_trl.lm_head import MultiTargetLogProb, score_rows
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from trl.trainer.utils import add_fused_lm_head
+
+from tgpo_trl.lm_head import GatheredLogits, StudentLogProbs, score_rows
 
 
 def reference_logits(hidden, weight, bias, temperature, scale, softcap):
@@ -14,49 +17,94 @@ def reference_logits(hidden, weight, bias, temperature, scale, softcap):
     return z / temperature
 
 
-@pytest.fixture
-def small_tiles(monkeypatch):
-    # Several position and vocabulary tiles, with ragged last tiles, on a small problem
-    monkeypatch.setattr(lm_head, "TOKEN_CHUNK_SIZE", 3)
-    monkeypatch.setattr(lm_head, "VOCAB_CHUNK_SIZE", 7)
-
-
-@pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_multi_target_logprobs_and_gradients_match_full_log_softmax(small_tiles, softcap, with_bias):
+def test_gathered_logits_and_gradients_match_the_dense_projection(monkeypatch, with_bias):
+    monkeypatch.setattr(lm_head, "GATHER_CHUNK_ELEMENTS", 30)  # 1 row of 4 ids x 6 per chunk: ragged chunks
     torch.manual_seed(0)
     n, h, v, c = 10, 6, 23, 4
     hidden = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(v, h, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(v, dtype=torch.float64, requires_grad=True) if with_bias else None
-    targets = torch.randint(0, v, (n, c))
-    targets[:, 1] = targets[:, 0]  # a repeated column must count twice in the gradient
-    upstream_logp, upstream_entropy = torch.randn(n, c), torch.randn(n)
+    ids = torch.randint(0, v, (n, c))
+    ids[:, 1] = ids[:, 0]  # a repeated id must count twice in the gradient
+    ids[3] = ids[2]  # and an id shared by two rows
+    upstream = torch.randn(n, c, dtype=torch.float64)
 
-    logps, entropy = MultiTargetLogProb.apply(hidden, weight, bias, targets, 0.7, 1.3, softcap)
-    ((logps * upstream_logp).sum() + (entropy * upstream_entropy).sum()).backward()
+    raw = GatheredLogits.apply(hidden, weight, bias, ids, torch.float64)
+    (raw * upstream).sum().backward()
     grads = [p.grad.clone() for p in (hidden, weight, bias) if p is not None]
     for p in (hidden, weight, bias):
         if p is not None:
             p.grad = None
+    reference = (hidden @ weight.t() + (0 if bias is None else bias)).gather(-1, ids)
+    (reference * upstream).sum().backward()
 
-    log_probs = torch.log_softmax(reference_logits(hidden, weight, bias, 0.7, 1.3, softcap), dim=-1)
-    ref_logps = log_probs.gather(-1, targets)
-    ref_entropy = -(log_probs.exp() * log_probs).sum(-1)
-    ((ref_logps * upstream_logp).sum() + (ref_entropy * upstream_entropy).sum()).backward()
-    ref_grads = [p.grad for p in (hidden, weight, bias) if p is not None]
-
-    assert torch.allclose(logps.double(), ref_logps, atol=1e-5)
-    assert torch.allclose(entropy.double(), ref_entropy, atol=1e-5)
-    for grad, ref in zip(grads, ref_grads, strict=True):
-        assert torch.allclose(grad, ref, atol=1e-4)
+    assert torch.allclose(raw.double(), reference, atol=1e-10)
+    for grad, p in zip(grads, [p for p in (hidden, weight, bias) if p is not None], strict=True):
+        assert torch.allclose(grad, p.grad, atol=1e-10), (grad - p.grad).abs().max()
 
 
-def test_multi_target_logprobs_with_no_row():
+def test_gathered_logits_with_no_row():
     hidden = torch.zeros(0, 4, requires_grad=True)
-    logps, entropy = MultiTargetLogProb.apply(hidden, torch.randn(9, 4), None, torch.zeros(0, 3, dtype=torch.long),
-                                              1.0, 1.0, None)
-    assert logps.shape == (0, 3) and entropy.shape == (0,)
+    raw = GatheredLogits.apply(hidden, torch.randn(9, 4), None, torch.zeros(0, 3, dtype=torch.long), torch.float32)
+    raw.sum().backward()
+    assert raw.shape == (0, 3) and hidden.grad.shape == (0, 4)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_extra_column_from_the_policy_column_is_log_softmax(softcap):
+    """`log p(c) = log p(y) + z_c - z_y` with the model's transform: exact, and so is its gradient."""
+    torch.manual_seed(1)
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 5, dtype=torch.float64)
+    y, c = torch.randint(0, 13, (7,)), torch.randint(0, 13, (7,))
+    log_probs = torch.log_softmax(reference_logits(hidden, weight, None, 0.7, 1.3, softcap), dim=-1)
+    z = lm_head.transform_logits(hidden @ weight.t(), 1.3, softcap, 1 / 0.7)
+    derived = log_probs.gather(-1, y[:, None]) + z.gather(-1, c[:, None]) - z.gather(-1, y[:, None])
+    expected = log_probs.gather(-1, c[:, None])
+    assert torch.allclose(derived, expected, atol=1e-12)
+    (grad,) = torch.autograd.grad(derived.sum(), hidden, retain_graph=True)
+    (ref_grad,) = torch.autograd.grad(expected.sum(), hidden)
+    assert torch.allclose(grad, ref_grad, atol=1e-12)
+
+
+def test_student_extra_logprobs_and_gradients_match_the_models_own_logits():
+    """Through TRL's fused head and the hook on the backbone: the gathered columns are the model's log-softmax."""
+    torch.manual_seed(2)
+    config = Qwen2Config(vocab_size=31, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config).double().eval()
+    add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+    student = StudentLogProbs(model, temperature=0.7, cast_lm_head_to_fp32=False)
+    batch, prompt, completion, k = 3, 4, 5, 2
+    input_ids = torch.randint(0, 31, (batch, prompt + completion))
+    labels = input_ids.clone()
+    labels[:, :prompt] = -100
+    labels[1, -2:] = -100  # padding at the end of one completion
+    extra_ids = torch.randint(0, 31, (batch, completion, k))
+
+    with student.gather(extra_ids) as gathered:
+        output = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    label_logps, extra_logps = gathered.result
+    upstream = torch.randn(batch, completion, k + 1, dtype=torch.float64)
+    loss = (torch.cat([label_logps.unsqueeze(-1), extra_logps], -1) * upstream).sum()
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+    log_probs = torch.log_softmax(model(input_ids=input_ids).logits[:, prompt - 1 : -1] / 0.7, dim=-1)
+    valid = (labels[:, prompt:] != -100).unsqueeze(-1)
+    expected_extra = log_probs.gather(-1, extra_ids) * valid
+    expected_label = log_probs.gather(-1, input_ids[:, prompt:, None]).squeeze(-1) * valid.squeeze(-1)
+    assert torch.allclose(output.log_probs[:, -completion:], label_logps)
+    # TRL's head accumulates its log-partition in fp32 whatever the model's dtype
+    assert torch.allclose(label_logps.double(), expected_label, atol=1e-5)
+    assert torch.allclose(extra_logps.double(), expected_extra, atol=1e-5)
+    expected_loss = (torch.cat([expected_label.unsqueeze(-1), expected_extra], -1) * upstream).sum()
+    ref_grads = torch.autograd.grad(expected_loss, list(model.parameters()), allow_unused=True)
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        if ref is None:
+            assert grad is None or not grad.any()
+        else:
+            assert torch.allclose(grad, ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("top_k", [0, 3])

@@ -1,29 +1,29 @@
 """
-Log-probabilities at several token ids per position from one tiled LM-head pass, for the student and the teacher.
+Log-probabilities at several token ids per position, for the student and the teacher, without full logits.
 
 TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`) scores one label per position. TGPO needs, from the *same*
 student forward, the log-probability of the sampled token (policy term) and of the teacher's tokens (guidance): a
 second forward would double the student's cost and, under ZeRO-3, breaks DeepSpeed's gradient bucketing. So the
-student's fused forward is extended here to gather `1 + K` columns per position while computing the log-partition
-once, and the teacher gets a no-grad scoring forward that keeps only what the guidance needs.
+student's fused forward runs as TRL wrote it (its Triton kernels on GPU) and the `K` extra columns are read off its
+log-partition with a few gathered logits per position; the teacher gets a no-grad scoring forward that keeps only
+what the guidance needs.
 
-Neither path ever holds a `(batch, length, vocab)` tensor: logits exist one `(rows, vocab chunk)` tile at a time.
+Neither path ever holds a `(batch, length, vocab)` tensor: the teacher's logits exist one chunk of rows at a time.
 """
 
 import functools
-import math
 import types
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
+from torch.distributed.tensor import DTensor
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 
-# Tile of the student kernel: 1024 positions x 32768 vocabulary columns is 128 MiB in fp32, a quarter of the tile TRL's
-# own CPU path uses, so gathering extra columns never raises the step's peak above GRPO's.
-TOKEN_CHUNK_SIZE = 1024
-VOCAB_CHUNK_SIZE = 32768
+# The student's extra columns are read a chunk of rows at a time: at most this many gathered weight entries (64 MiB
+# in fp32), whatever the number of columns (top-k) and the hidden size.
+GATHER_CHUNK_ELEMENTS = 2**24
 # The teacher scores whole vocabulary rows (top-k needs them); rows are grouped so one chunk holds at most this many
 # logits (128 MiB in fp32).
 TEACHER_CHUNK_ELEMENTS = 2**25
@@ -47,119 +47,87 @@ def logit_transform(config) -> tuple[float, float | None]:
     return (1.0 if scale is None else scale), softcap
 
 
-def _project(hidden, weight, bias, start, end, dtype, logit_scale, softcap, inv_temperature):
-    """Transformed fp32 logits of one tile, and `tanh` of the softcap (needed by the backward), or None."""
-    tile = hidden.to(dtype) @ weight[start:end].to(dtype).t()
+def _project(hidden, weight, bias, vocab_size, dtype, logit_scale, softcap):
+    """Transformed fp32 logits of `hidden` over the first `vocab_size` ids (the teacher's scoring chunk)."""
+    tile = hidden.to(dtype) @ weight[:vocab_size].to(dtype).t()
     if bias is not None:
-        tile = tile + bias[start:end].to(dtype)
-    # Accumulating statistics in fp32 keeps bf16 runs unbiased (entropy drifts otherwise, see TRL's kernel notes)
-    z = tile.float()
-    # A multiplication by 1.0 is a full pass and a tile-sized allocation: skip the usual no-op transforms
-    if logit_scale != 1.0:
-        z = z * logit_scale
-    tanh = None
-    if softcap is not None:
-        tanh = torch.tanh(z / softcap)
-        z = softcap * tanh
-    if inv_temperature != 1.0:
-        z = z * inv_temperature
-    return z, tanh
+        tile = tile + bias[:vocab_size].to(dtype)
+    # Statistics in fp32 keep bf16 runs unbiased (see TRL's kernel notes)
+    return transform_logits(tile.float(), logit_scale, softcap, 1.0)
 
 
-class MultiTargetLogProb(torch.autograd.Function):
+class GatheredLogits(torch.autograd.Function):
     """
-    `log softmax(transform(hidden @ weight.T) / T)` at `C` target ids per row, and the entropy of each row, tiled over
-    positions and vocabulary with an online log-sum-exp. The backward recomputes each tile.
+    Raw logits `hidden[n] . weight[ids[n, c]] (+ bias[ids[n, c]])` at `C` ids per row, without a vocabulary-wide
+    tile: each product reads `C` rows of the weight. Inputs are cast to `dtype` (the projection's compute dtype) and the
+    products accumulated in fp32 (fp64 for fp64 inputs), in chunks of rows; the backward accumulates in fp32 too, and only into the weight rows
+    that were read.
 
-    Inputs: `hidden (N, H)`, `weight (V, H)`, `bias (V,)` or None, `targets (N, C)` int64 in `[0, V)`.
-    Outputs: `logprobs (N, C)` and `entropy (N,)`, both fp32.
+    Inputs: `hidden (N, H)`, `weight (V, H)`, `bias (V,)` or None, `ids (N, C)` int64 in `[0, V)`. Output `(N, C)` fp32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, logit_scale, softcap):
-        ctx.set_materialize_grads(False)
-        device = hidden.device
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
-        transform = {"logit_scale": logit_scale, "softcap": softcap, "inv_temperature": 1.0 / temperature}
-        num_rows, vocab = hidden.size(0), weight.size(0)
-        log_z = torch.empty(num_rows, device=device, dtype=torch.float32)
-        entropy = torch.empty(num_rows, device=device, dtype=torch.float32)
-        target_logits = torch.zeros(targets.shape, device=device, dtype=torch.float32)
-        for row_start in range(0, num_rows, TOKEN_CHUNK_SIZE):
-            rows = slice(row_start, min(row_start + TOKEN_CHUNK_SIZE, num_rows))
-            running_max = torch.full((rows.stop - rows.start,), -math.inf, device=device)
-            sum_exp = torch.zeros_like(running_max)
-            weighted_sum = torch.zeros_like(running_max)  # sum_v exp(z_v - max) z_v, for the entropy
-            for start in range(0, vocab, VOCAB_CHUNK_SIZE):
-                end = min(start + VOCAB_CHUNK_SIZE, vocab)
-                z, _ = _project(hidden[rows], weight, bias, start, end, dtype, **transform)
-                new_max = torch.maximum(running_max, z.amax(-1))
-                rescale = torch.exp(running_max - new_max)
-                e = torch.exp(z - new_max.unsqueeze(-1))
-                sum_exp = sum_exp * rescale + e.sum(-1)
-                weighted_sum = weighted_sum * rescale + (e * z).sum(-1)
-                running_max = new_max
-                local = targets[rows] - start
-                in_tile = (local >= 0) & (local < end - start)
-                gathered = z.gather(-1, local.clamp(0, end - start - 1))
-                target_logits[rows] = torch.where(in_tile, gathered, target_logits[rows])
-            log_z[rows] = running_max + torch.log(sum_exp)
-            entropy[rows] = log_z[rows] - weighted_sum / sum_exp
-        ctx.save_for_backward(hidden, weight, bias, targets, log_z, entropy)
-        ctx.dtype, ctx.transform = dtype, transform
-        return target_logits - log_z.unsqueeze(-1), entropy
+    def forward(ctx, hidden, weight, bias, ids, dtype):
+        num_rows, num_cols = ids.shape
+        acc = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        out = torch.empty(num_rows, num_cols, device=hidden.device, dtype=acc)
+        step = _gather_chunk_rows(num_cols, hidden.size(-1))
+        for start in range(0, num_rows, step):
+            rows = slice(start, start + step)
+            columns = weight[ids[rows]].to(dtype).to(acc)  # (n, C, H)
+            out[rows] = torch.bmm(columns, hidden[rows].to(dtype).to(acc).unsqueeze(-1)).squeeze(-1)
+        if bias is not None:
+            out += bias[ids].to(dtype).to(acc)
+        ctx.save_for_backward(hidden, weight, bias, ids)
+        ctx.dtype, ctx.acc = dtype, acc
+        return out
 
     @staticmethod
-    def backward(ctx, grad_logprobs, grad_entropy):
-        hidden, weight, bias, targets, log_z, entropy = ctx.saved_tensors
+    def backward(ctx, grad):
+        hidden, weight, bias, ids = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        transform = ctx.transform
-        # Gradients are accumulated in fp32 whatever the parameters' dtype
-        grad_hidden = torch.zeros(hidden.shape, device=hidden.device) if need_hidden else None
+        dtype, acc = ctx.dtype, ctx.acc
+        grad = grad.to(acc)
+        grad_hidden = grad_weight = grad_bias = None
+        unique_ids, position = ids.reshape(-1).unique(return_inverse=True)
+        step = _gather_chunk_rows(ids.size(1), hidden.size(-1))
         with maybe_gather_lm_head_ctx(weight, bias):
-            vocab = weight.size(0)
-            grad_weight = torch.zeros(weight.shape, device=weight.device) if need_weight else None
-            grad_bias = torch.zeros(bias.shape, device=bias.device) if need_bias else None
-            for row_start in range(0, hidden.size(0), TOKEN_CHUNK_SIZE):
-                rows = slice(row_start, min(row_start + TOKEN_CHUNK_SIZE, hidden.size(0)))
-                hidden_rows = hidden[rows].to(ctx.dtype)
-                g_logp = grad_logprobs[rows].float() if grad_logprobs is not None else None
-                for start in range(0, vocab, VOCAB_CHUNK_SIZE):
-                    end = min(start + VOCAB_CHUNK_SIZE, vocab)
-                    z, tanh = _project(hidden[rows], weight, bias, start, end, ctx.dtype, **transform)
-                    log_p = z - log_z[rows].unsqueeze(-1)
-                    p = log_p.exp()
-                    grad_z = torch.zeros_like(z)
-                    if g_logp is not None:
-                        # d log p_c / dz_j = 1[j = c] - p_j, summed over the C gathered columns
-                        local = targets[rows] - start
-                        in_tile = (local >= 0) & (local < end - start)
-                        grad_z.scatter_add_(-1, local.clamp(0, end - start - 1), g_logp * in_tile)
-                        grad_z -= p * g_logp.sum(-1, keepdim=True)
-                    if grad_entropy is not None:
-                        # d H / dz_j = -p_j (log p_j + H)
-                        grad_z -= grad_entropy[rows].float().unsqueeze(-1) * p * (log_p + entropy[rows].unsqueeze(-1))
-                    if transform["inv_temperature"] != 1.0:
-                        grad_z = grad_z * transform["inv_temperature"]
-                    if tanh is not None:
-                        grad_z = grad_z * (1 - tanh * tanh)
-                    if transform["logit_scale"] != 1.0:
-                        grad_z = grad_z * transform["logit_scale"]
-                    if grad_hidden is not None:
-                        grad_hidden[rows] += grad_z @ weight[start:end].float()
-                    if grad_weight is not None:
-                        grad_weight[start:end] += grad_z.t() @ hidden_rows.float()
-                    if grad_bias is not None:
-                        grad_bias[start:end] += grad_z.sum(0)
-        return (
-            grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
-            grad_weight.to(weight.dtype) if grad_weight is not None else None,
-            grad_bias.to(bias.dtype) if grad_bias is not None else None,
-            None,
-            None,
-            None,
-            None,
-        )
+            if need_hidden:
+                grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=acc)
+            if need_weight:
+                grad_rows = torch.zeros(unique_ids.numel(), hidden.size(-1), device=weight.device, dtype=acc)
+            for start in range(0, ids.size(0), step):
+                rows = slice(start, start + step)
+                g = grad[rows]  # (n, C)
+                if need_hidden:
+                    columns = weight[ids[rows]].to(dtype).to(acc)
+                    grad_hidden[rows] = torch.bmm(g.unsqueeze(1), columns).squeeze(1)
+                if need_weight:
+                    h = hidden[rows].to(dtype).to(acc)
+                    products = (g.unsqueeze(-1) * h.unsqueeze(1)).reshape(-1, h.size(-1))
+                    grad_rows.index_add_(0, position.view(ids.shape)[rows].reshape(-1), products)
+            if need_weight:
+                grad_weight = torch.zeros_like(weight)
+                grad_weight[unique_ids] = grad_rows.to(weight.dtype)
+            if need_bias:
+                grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=acc)
+                grad_bias.index_add_(0, ids.reshape(-1), grad.reshape(-1))
+                grad_bias = grad_bias.to(bias.dtype)
+        return (grad_hidden.to(hidden.dtype) if grad_hidden is not None else None, grad_weight, grad_bias, None, None)
+
+
+def _gather_chunk_rows(num_cols: int, hidden_size: int) -> int:
+    """Rows per chunk of `GatheredLogits`, so a chunk's gathered weight rows hold at most `GATHER_CHUNK_ELEMENTS`."""
+    return max(1, GATHER_CHUNK_ELEMENTS // max(1, num_cols * hidden_size))
+
+
+def transform_logits(raw: torch.Tensor, logit_scale: float, softcap: float | None, inv_temperature: float):
+    """The model's logit transform (scale, softcap) then the temperature, as TRL's fused head applies them. A factor of
+    1.0 is skipped: on a vocabulary-wide tile it would be a full pass and an allocation."""
+    z = raw * logit_scale if logit_scale != 1.0 else raw
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z * inv_temperature if inv_temperature != 1.0 else z
 
 
 def _backbone_hidden_states(model, args, kwargs, labels):
@@ -174,15 +142,20 @@ def _backbone_hidden_states(model, args, kwargs, labels):
 class StudentLogProbs:
     """
     Extends a student already patched with TRL's fused LM head: while `gather(extra_ids)` is active, the fused forward
-    (`model(..., labels=..., fused_lm_head=True)`, as GRPO calls it) also gathers the log-probabilities at `extra_ids`,
-    from the same backbone pass and the same log-partition as the policy log-probabilities.
+    (`model(..., labels=..., fused_lm_head=True)`, as GRPO calls it) also returns the log-probabilities at `extra_ids`
+    from the same backbone pass.
+
+    TRL's forward runs unchanged (its kernels, its log-partition, its outputs), so the policy term is exactly GRPO's.
+    The backbone's last hidden state is caught on the way with a forward hook, and an extra column `c` is read off the
+    policy column `y` as `log p(c) = log p(y) + z_c - z_y`: two gathered logits per column, no second pass over the
+    vocabulary, and the gradient is exactly that of `log_softmax` at `c` (`1[c] - p`).
 
     GRPO may split one batch into several forwards (`batch_size` chunks); they are served in order, row by row.
     Outside `gather`, TRL's forward runs unchanged.
     """
 
     def __init__(self, model, temperature: float, cast_lm_head_to_fp32: bool):
-        self.temperature = temperature
+        self.inv_temperature = 1.0 / temperature
         self.cast_lm_head_to_fp32 = cast_lm_head_to_fp32
         self.logit_scale, self.softcap = logit_transform(model.config)
         self._request = None
@@ -193,7 +166,18 @@ class StudentLogProbs:
         def forward(self, *args, fused_lm_head=False, labels=None, **kwargs):
             if this._request is None or not fused_lm_head:
                 return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
-            return this._gathering_forward(self, args, kwargs, labels)
+            caught = []
+            hook = self.base_model.register_forward_hook(lambda module, inputs, out: caught.append(out))
+            try:
+                output = fused_forward(*args, fused_lm_head=True, labels=labels, **kwargs)
+            finally:
+                hook.remove()
+            labels = kwargs["shift_labels"] if kwargs.get("shift_labels") is not None else labels[:, 1:]
+            hidden = caught[0].last_hidden_state
+            if kwargs.get("shift_labels") is None:
+                hidden = hidden[:, :-1]
+            this._gather(self, hidden, labels, output)
+            return output
 
         model.forward = types.MethodType(forward, model)
 
@@ -211,35 +195,38 @@ class StudentLogProbs:
             request, self._request = self._request, None
             request.finish()
 
-    def _gathering_forward(self, model, args, kwargs, labels):
+    def _gather(self, model, hidden, labels, output):
+        """Append `(label_logps, extra_logps)` of one fused forward's rows to the active request."""
         request = self._request
-        hidden, labels, lm_head = _backbone_hidden_states(model, args, kwargs, labels)
-        mask = labels != -100
-        batch = labels.size(0)
-        extra = request.take(batch).to(labels.device)
+        mask, log_probs = output.label_mask, output.log_probs
+        extra = request.take(labels.size(0)).to(labels.device)
         num_completion, num_extra = extra.size(1), extra.size(2)
-        extra_full = labels.new_zeros(*labels.shape, num_extra)
-        extra_full[:, -num_completion:] = extra
-        targets = torch.cat([labels.clamp(min=0).unsqueeze(-1), extra_full], dim=-1)[mask]
-
-        hidden = hidden[mask]
-        autocast_ctx = nullcontext()
-        if self.cast_lm_head_to_fp32:
-            hidden = hidden.float()
-            autocast_ctx = torch.autocast(hidden.device.type, enabled=False)
-        weight, bias = lm_head.weight, lm_head.bias
-        with autocast_ctx, maybe_gather_lm_head_ctx(weight, bias):
-            logprobs, entropy = MultiTargetLogProb.apply(
-                hidden, weight, bias, targets, self.temperature, self.logit_scale, self.softcap
-            )
-        # `masked_scatter` keeps the outputs connected to the graph even when no position is scored
-        log_probs = logprobs.new_zeros(mask.shape).masked_scatter(mask, logprobs[:, 0])
-        entropies = entropy.new_zeros(mask.shape).masked_scatter(mask, entropy)
-        extra_mask = mask.unsqueeze(-1).expand(*mask.shape, num_extra)
-        extra_logps = logprobs.new_zeros(extra_mask.shape).masked_scatter(extra_mask, logprobs[:, 1:])
+        extra_logps = log_probs.new_zeros(*mask.shape, num_extra)
+        if num_extra:
+            lm_head = model.get_output_embeddings()
+            weight, bias = lm_head.weight, lm_head.bias
+            if isinstance(weight, DTensor):  # FSDP2, as in TRL's head
+                weight = weight.full_tensor()
+                bias = bias.full_tensor() if bias is not None else None
+            extra_full = labels.new_zeros(*labels.shape, num_extra)
+            extra_full[:, -num_completion:] = extra
+            ids = torch.cat([labels.clamp(min=0).unsqueeze(-1), extra_full], dim=-1).to(weight.device)[mask]
+            hidden = hidden.to(weight.device)[mask]
+            if self.cast_lm_head_to_fp32:
+                dtype = torch.float32
+            elif torch.is_autocast_enabled(hidden.device.type):
+                dtype = torch.get_autocast_dtype(hidden.device.type)
+            else:
+                dtype = hidden.dtype
+            with maybe_gather_lm_head_ctx(weight, bias):
+                raw = GatheredLogits.apply(hidden, weight, bias, ids, dtype)
+            z = transform_logits(raw, self.logit_scale, self.softcap, self.inv_temperature)
+            # log p(c) = log p(y) + z_c - z_y: the log-partition is the one TRL's head computed for the policy column
+            columns = log_probs[mask].unsqueeze(-1) + (z[:, 1:] - z[:, :1]).to(log_probs.dtype)
+            extra_mask = mask.unsqueeze(-1).expand(*mask.shape, num_extra)
+            # `masked_scatter` keeps the outputs connected to the graph even when no position is scored
+            extra_logps = extra_logps.masked_scatter(extra_mask, columns)
         request.outputs.append((log_probs[:, -num_completion:], extra_logps[:, -num_completion:]))
-        loss = -log_probs.sum() / mask.sum().clamp(min=1)
-        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropies, label_mask=mask)
 
 
 class _GatherRequest:
@@ -298,30 +285,29 @@ def score_rows(hidden, weight, bias, labels, vocab_size, logit_scale, softcap, t
     parts = []
     for start in range(0, num_rows, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_rows))
-        z, _ = _project(hidden[rows], weight, bias, 0, vocab_size, dtype, logit_scale, softcap, 1.0)
-        log_probs = torch.log_softmax(z, dim=-1)
-        del z
+        z = _project(hidden[rows], weight, bias, vocab_size, dtype, logit_scale, softcap)
+        # Everything is read off `z` and its log-partition: no `(rows, vocab)` log-softmax is written. A row holding a
+        # NaN or +inf has a non-finite log-partition (a -inf logit is a legitimate zero probability).
+        log_z = torch.logsumexp(z, dim=-1)
+        finite_rows = torch.isfinite(log_z)
         y = labels[rows]
         in_vocab = y < vocab_size
-        logps = log_probs.gather(-1, y.clamp(max=vocab_size - 1).unsqueeze(-1)).squeeze(-1)
-        # A row sum is finite only if every entry is (NaN and +-inf propagate). One reduction, where
-        # `isfinite(log_probs).all(-1)` takes several passes and allocations (twice log_softmax's time on the CPU); an
-        # overflowing sum (|log p| ~ 1e33 on average) would flag a finite row, which only skips its token.
-        finite_rows = torch.isfinite(log_probs.sum(-1))
+        logps = z.gather(-1, y.clamp(max=vocab_size - 1).unsqueeze(-1)).squeeze(-1) - log_z
         part = {
             "logps": torch.where(in_vocab & finite_rows, logps, 0.0),
-            "argmax": log_probs.argmax(-1),
+            "argmax": z.argmax(-1),
             "valid": in_vocab & finite_rows & torch.isfinite(logps),
         }
         if sample:
-            safe = torch.where(finite_rows.unsqueeze(-1), log_probs, 0.0)
-            part["sample"] = torch.multinomial(safe.exp(), 1, generator=generator).squeeze(-1)
+            probs = torch.where(finite_rows.unsqueeze(-1), z - log_z.unsqueeze(-1), 0.0).exp_()
+            part["sample"] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            del probs
         if top_k:
-            topk = log_probs.topk(min(top_k, vocab_size), dim=-1)
+            topk = z.topk(min(top_k, vocab_size), dim=-1)
             part["topk_ids"] = topk.indices
-            part["topk_logps"] = torch.where(finite_rows.unsqueeze(-1), topk.values, 0.0)
+            part["topk_logps"] = torch.where(finite_rows.unsqueeze(-1), topk.values - log_z.unsqueeze(-1), 0.0)
+        del z
         parts.append(part)
-        del log_probs
     if not parts:  # no scored position: empty tensors with the right trailing shapes
         k = min(top_k, vocab_size)
         empty = {"logps": hidden.new_zeros(0, dtype=torch.float32), "argmax": labels[:0], "valid": labels[:0] > 0}
