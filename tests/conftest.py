@@ -1,5 +1,7 @@
 import importlib.util
 import os
+import subprocess
+import sys
 
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download must fail loudly
@@ -112,3 +114,14 @@ def load_script(path, name=None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_script_quick(path, out_dir, *extra, **env):
+    """Run `python <script> --quick --out-dir <out_dir> <extra>` offline in a subprocess; its stdout (asserts it
+    succeeded). `env` adds environment variables."""
+    process = subprocess.run(
+        [sys.executable, str(path), "--quick", "--out-dir", str(out_dir), *map(str, extra)],
+        check=False, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    return process.stdout

@@ -4,9 +4,6 @@
 import conftest
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,13 +19,7 @@ def load_script():
 
 
 def run_quick(results_dir, out_dir, *extra):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--results-dir", str(results_dir), "--out-dir", str(out_dir), *extra],
-        capture_output=True, text=True, timeout=900, env=env,
-    )
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
-    return process.stdout
+    return conftest.run_script_quick(SCRIPT, out_dir, "--results-dir", results_dir, *extra, OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,6 @@
 """`scripts/benchmark_gpu.py`: its quick mode runs on the CPU and writes results of the right shape (not the numbers)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import conftest
@@ -17,13 +14,7 @@ METHODS = {"grpo", "tgpo", "tgpo_topk", "distillation"}
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("gpu")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    process = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out-dir", str(out_dir)],
-        check=False, capture_output=True, text=True, timeout=600, env=env,
-    )
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
-    return out_dir, process.stdout
+    return out_dir, conftest.run_script_quick(SCRIPT, out_dir, CUDA_VISIBLE_DEVICES="")
 
 
 def test_quick_run_writes_json_of_the_right_shape(quick_run):
