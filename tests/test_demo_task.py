@@ -1,4 +1,5 @@
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -17,6 +18,7 @@ from tgpo_trl.demo.task import (  # noqa: E402
     STYLES,
     build_dataset,
     extract_answer,
+    iter_problems,
     make_problem,
     solution_text,
 )
@@ -35,9 +37,10 @@ def test_make_problem_is_seeded_and_consistent():
 
 def test_solution_styles():
     assert solution_text(PROBLEM, "teacher") == "7+8+9=24\n4+3+2+2=11\n#### 114"
+    assert solution_text(PROBLEM, "commas") == "7,8,9:24;4,3,2,2:11;#### 114"
     assert solution_text(PROBLEM, "alt") == "47+38=85\n85+29=114\n#### 114"
     assert solution_text(PROBLEM, "bare") == "#### 114"
-    with pytest.raises(ValueError, match="teacher, alt, bare"):
+    with pytest.raises(ValueError, match="teacher, commas, alt, bare"):
         solution_text(PROBLEM, "verbose")
 
 
@@ -119,6 +122,49 @@ def test_greedy_evaluation_scores_exact_matches_and_lengths():
     assert evaluation.accuracy == sum(a % 2 == 0 for a in answers) / len(answers)
     expected_lengths = [len(f"#### {a if a % 2 == 0 else 0}") + 1 for a in answers]  # <eos> counts, padding not
     assert evaluation.mean_length == pytest.approx(sum(expected_lengths) / len(answers))
+
+
+def test_foreign_prefix_rewrites_only_separators_before_the_cut():
+    text = solution_text(PROBLEM, "teacher")
+    rng = random.Random(0)
+    for _ in range(200):
+        rewritten, cut = build.reread_prefix(text, rng)
+        assert len(rewritten) == len(text) and 1 <= cut < len(text)
+        assert rewritten[cut:] == text[cut:]
+        for new, old in zip(rewritten[:cut], text[:cut], strict=True):
+            assert new in build.FOREIGN_SEPARATORS if old in "+=\n" else new == old
+
+
+def test_training_batches_skip_the_loss_on_a_foreign_prefix():
+    tokenizer = build_char_tokenizer()
+    problems = list(itertools.islice(iter_problems(0, "train"), 8))
+    solutions = [solution_text(p, "teacher") + tokenizer.eos_token for p in problems]
+    for fraction in (0.0, 1.0):
+        spec = build.ModelSpec(8, 1, 1, "teacher", steps=1, learning_rate=1e-3, seed=0,
+                               foreign_prefix_fraction=fraction)
+        input_ids, _, labels = next(build._training_batches(tokenizer, spec, batch_size=8))
+        for row, row_labels, solution in zip(input_ids, labels, solutions, strict=True):
+            scored = tokenizer.decode(row_labels[row_labels != -100])
+            written = tokenizer.decode(row[-len(tokenizer(solution)["input_ids"]) :])
+            assert solution.endswith(scored)  # what is scored is the model's own style
+            if fraction == 0.0:
+                assert scored == solution == written
+            else:  # a rewritten prefix, read but not scored
+                assert len(scored) < len(solution) and written.endswith(scored) and written != solution
+
+
+def test_training_batches_mix_in_the_teachers_style():
+    tokenizer = build_char_tokenizer()
+    problems = list(itertools.islice(iter_problems(2, "train"), 64))
+    for fraction in (0.0, 0.25):
+        spec = build.ModelSpec(8, 1, 1, "commas", steps=1, learning_rate=1e-3, seed=2, teacher_style_fraction=fraction)
+        _, _, labels = next(build._training_batches(tokenizer, spec, batch_size=64))
+        styles = []
+        for row_labels, problem in zip(labels, problems, strict=True):
+            scored = tokenizer.decode(row_labels[row_labels != -100], skip_special_tokens=True)
+            styles.append(next(s for s in ("teacher", "commas") if scored == solution_text(problem, s)))
+        share = styles.count("teacher") / len(styles)
+        assert share == 0.0 if fraction == 0.0 else 0.1 < share < 0.45
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import time
 from collections.abc import Iterator
@@ -45,6 +46,12 @@ class ModelSpec:
     steps: int
     learning_rate: float
     seed: int
+    # Fraction of the examples whose completion starts with a prefix in other separators (`reread_prefix`): the
+    # model learns to read such prefixes and to continue them in its own style (the loss skips the prefix)
+    foreign_prefix_fraction: float = 0.0
+    # Fraction of the examples written in the teacher's style instead of `style`: a model that mostly writes its own
+    # way but can write the teacher's tokens too (as any language model can, with a low probability)
+    teacher_style_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -64,12 +71,13 @@ class BuildSettings:
 
 
 SIZES = {
-    # Measured (greedy, 500 held-out problems): teacher 98.6%; bare-answer student 8.0%, teacher mismatch 0.79
-    # (large gap); teacher-style student 16.4%, mismatch 0.08 (small gap). ~4 minutes on two busy CPU cores.
-    # The teacher-style student's accuracy jumps between 200 and 300 steps (to ~50%): 250 keeps it weak.
+    # The two students are the same model trained the same way on the same column method, written in the teacher's
+    # separators (small gap) or in others (large gap): they differ in family, not in skill. The teacher-style
+    # student's accuracy jumps between 200 and 300 steps (to ~50%): 250 keeps it weak. Measured figures: build.json.
     "full": BuildSettings(
-        teacher=ModelSpec(128, 4, 4, "teacher", steps=1000, learning_rate=3e-3, seed=0),
-        student_large_gap=ModelSpec(64, 2, 4, "bare", steps=600, learning_rate=3e-3, seed=1),
+        teacher=ModelSpec(128, 4, 4, "teacher", steps=1000, learning_rate=3e-3, seed=0, foreign_prefix_fraction=0.5),
+        student_large_gap=ModelSpec(64, 2, 4, "commas", steps=250, learning_rate=3e-3, seed=2,
+                                    teacher_style_fraction=0.1),
         student_small_gap=ModelSpec(64, 2, 4, "teacher", steps=250, learning_rate=3e-3, seed=2),
         batch_size=32,
         eval_size=500,
@@ -77,8 +85,9 @@ SIZES = {
     ),
     # For tests: the same pipeline at a fraction of the cost; accuracies are not meaningful.
     "quick": BuildSettings(
-        teacher=ModelSpec(32, 2, 2, "teacher", steps=150, learning_rate=3e-3, seed=0),
-        student_large_gap=ModelSpec(16, 1, 2, "bare", steps=150, learning_rate=3e-3, seed=1),
+        teacher=ModelSpec(32, 2, 2, "teacher", steps=150, learning_rate=3e-3, seed=0, foreign_prefix_fraction=0.5),
+        student_large_gap=ModelSpec(16, 1, 2, "commas", steps=150, learning_rate=3e-3, seed=2,
+                                    teacher_style_fraction=0.1),
         student_small_gap=ModelSpec(16, 1, 2, "teacher", steps=150, learning_rate=3e-3, seed=2),
         batch_size=16,
         eval_size=64,
@@ -104,19 +113,45 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TGPO_DEMO_CACHE", Path.home() / ".cache" / "tgpo_trl" / "demo"))
 
 
-def _training_batches(tokenizer: PreTrainedTokenizerBase, style: str, seed: int, batch_size: int):
-    """Endless batches of fresh training problems: left-padded prompt + completion + <eos>, loss on the completion."""
-    problems = iter_problems(seed, "train")
+# Separators a foreign prefix may use instead of `+`, `=` and the line break
+FOREIGN_SEPARATORS = ",:;/_ *<>"
+
+
+def reread_prefix(text: str, rng: random.Random) -> tuple[str, int]:
+    """
+    `text` with a random prefix rewritten in other separators (each `+`, `=` or line break before the cut replaced by a
+    random one of `FOREIGN_SEPARATORS`), and the cut: the number of characters rewritten. Same length, same digits.
+    """
+    cut = rng.randint(1, len(text) - 1)
+    prefix = "".join(rng.choice(FOREIGN_SEPARATORS) if ch in "+=\n" else ch for ch in text[:cut])
+    return prefix + text[cut:], cut
+
+
+def _training_batches(tokenizer: PreTrainedTokenizerBase, spec: ModelSpec, batch_size: int):
+    """
+    Endless batches of fresh training problems: left-padded prompt + completion + <eos>, loss on the completion (after
+    the rewritten prefix, for the `foreign_prefix_fraction` of the examples that have one).
+    """
+    problems = iter_problems(spec.seed, "train")
+    rng = random.Random(f"prefixes-{spec.seed}")
+    style_rng = random.Random(f"styles-{spec.seed}")
     while True:
         batch = list(islice(problems, batch_size))
         prompt_ids = encode_prompts(tokenizer, [[{"role": "user", "content": p["question"]}] for p in batch])
-        completions = [solution_text(p, style) + tokenizer.eos_token for p in batch]
+        completions, skipped = [], []
+        for problem in batch:
+            style = "teacher" if style_rng.random() < spec.teacher_style_fraction else spec.style
+            text, cut = solution_text(problem, style), 0
+            if rng.random() < spec.foreign_prefix_fraction:
+                text, cut = reread_prefix(text, rng)
+            completions.append(text + tokenizer.eos_token)
+            skipped.append(cut)  # one character = one token
         completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
         rows = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
         input_ids, attention_mask = pad_rows(rows, tokenizer.pad_token_id, "left")
         labels = torch.full_like(input_ids, -100)
-        for i, c in enumerate(completion_ids):
-            labels[i, -len(c) :] = torch.tensor(c)
+        for i, (c, cut) in enumerate(zip(completion_ids, skipped, strict=True)):
+            labels[i, -len(c) + cut :] = torch.tensor(c[cut:])
         yield input_ids, attention_mask, labels
 
 
@@ -140,7 +175,7 @@ def train_supervised(
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(spec.steps))
-    batches = _training_batches(tokenizer, spec.style, spec.seed, batch_size)
+    batches = _training_batches(tokenizer, spec, batch_size)
     bar = tqdm(range(spec.steps), desc=f"{spec.style} {spec.hidden_size}x{spec.num_layers}", disable=not progress)
     for _ in bar:
         input_ids, attention_mask, labels = next(batches)

@@ -53,11 +53,12 @@ def generate_completions(
     max_new_tokens: int,
     batch_size: int = 64,
     do_sample: bool = False,
+    temperature: float = 1.0,
 ) -> list[list[int]]:
-    """Completion ids after token-id prefixes (greedy, or sampled at temperature 1), cut after the first <eos> (kept, as
+    """Completion ids after token-id prefixes (greedy, or sampled at `temperature`), cut after the first <eos> (kept, as
     GRPO's mask keeps it)."""
     model.eval()
-    sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
     completions = []
     for start in range(0, len(prefixes), batch_size):
         ids, mask = pad_rows(prefixes[start : start + batch_size], tokenizer.pad_token_id, "left")

@@ -3,10 +3,11 @@
 Why this task: the answer needs two carries, which a 64-hidden/2-layer student can hardly produce in one shot
 ("bare" answers), while a worked column-wise solution turns it into two small digit sums that a
 128-hidden/4-layer teacher learns almost perfectly. The teacher's way of solving is therefore both learnable
-and better than the bare student's own: the regime TGPO is meant for. A third, "alt", worked style (running
-sums of whole numbers, left to right) is a different solution family, so a student trained on it (or on bare
-answers) sits far outside the teacher's support (large gap), while a student trained on the teacher's own
-style is the teacher's family, only weaker (small gap).
+and better than the bare student's own: the regime TGPO is meant for. The "commas" style is the same column
+method written differently (`,` between digits, `:` for `=`, `;` between lines): a student trained on it has the
+same skill as one trained on the teacher's style, but the teacher gives its separators almost no probability and has
+never read its prefixes (large gap), while a student trained on the teacher's own style is the teacher's family, only
+weaker (small gap). "alt" (running sums of whole numbers, left to right) is a different method altogether.
 
 Every completion ends with a marker line `#### <answer>` that `extract_answer` reads.
 """
@@ -22,7 +23,7 @@ from datasets import Dataset
 NUM_OPERANDS = 3
 OPERAND_MIN, OPERAND_MAX = 10, 99
 ANSWER_MARKER = "####"
-STYLES = ("teacher", "alt", "bare")
+STYLES = ("teacher", "commas", "alt", "bare")
 # Longest completion of any style is 29 characters (= tokens for the char tokenizer) + <eos>; 40 leaves room.
 MAX_COMPLETION_LENGTH = 40
 # One question in ten is held out: the split is a function of the question, so no seed can make them overlap.
@@ -62,6 +63,11 @@ def _column_solution(numbers: list[int]) -> str:
     return f"{units_line}\n{tens_line}"
 
 
+def _comma_column_solution(numbers: list[int]) -> str:
+    """The column method in other separators: `7,3,5:15;6,2,4,1:13`, as long as the teacher's solution."""
+    return _column_solution(numbers).replace("+", ",").replace("=", ":").replace("\n", ";")
+
+
 def _running_sum_solution(numbers: list[int]) -> str:
     """Whole numbers added left to right: another family, different step order and different tokens."""
     lines, total = [], numbers[0]
@@ -76,6 +82,8 @@ def solution_text(problem: dict, style: str) -> str:
     final = f"{ANSWER_MARKER} {problem['answer']}"
     if style == "teacher":
         return f"{_column_solution(problem['numbers'])}\n{final}"
+    if style == "commas":
+        return f"{_comma_column_solution(problem['numbers'])};{final}"
     if style == "alt":
         return f"{_running_sum_solution(problem['numbers'])}\n{final}"
     if style == "bare":
