@@ -55,7 +55,9 @@ def test_meta_records_the_settings_and_the_step0_gap(quick_run):
     assert meta["methods"]["grpo"] == {"guidance": "none"}
     for method in ("kdrl", "tgpo", "tgpo_topk", "tgpo_sample"):  # one coefficient and schedule for every guided method
         assert meta["methods"][method]["guidance_coef"] == meta["settings"]["guidance_coef"]
-        assert meta["methods"][method]["guidance_schedule"] == "linear"
+        assert meta["methods"][method]["guidance_schedule"] == meta["settings"]["guidance_schedule"] == "constant"
+    assert meta["demo_build"]["key"] and set(meta["demo_build"]["models"]) == {
+        "teacher", "student_large_gap", "student_small_gap"}
     for regime in REGIMES:
         gap = meta["step0_gap"][regime]
         for key in ("gap/reverse_kl", "gap/mismatch_ratio"):
