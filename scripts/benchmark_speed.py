@@ -583,7 +583,7 @@ def markdown(result: dict) -> str:
         "- TGPO's student head was its own tiled kernel (all `1 + K` columns and the log-partition in torch ops). It "
         "was faster than TRL's torch fallback on the CPU, but on an H100 its fp32 backward matmuls made a TGPO step "
         "1.65 teacher forwards slower than GRPO (and 1.30x DistillationTrainer's step, see gpu.md). It was replaced "
-        "by TRL's own fused head plus the two-gather identity above; on the H100 the ratio fell to 1.00.",
+        "by TRL's own fused head plus the two-gather identity above; on the H100 the ratio fell to 1.00-1.02.",
         "- The teacher's scoring reads argmax, `log p_T(y_t)` and the top-k off the logits and their log-sum-exp "
         "instead of writing a `(rows, vocab)` log-softmax, and flags a row whose log-sum-exp is not finite (NaN or "
         "+inf anywhere in it).",
