@@ -76,6 +76,12 @@ def test_csv_file_and_dataset_kwargs(tmp_path):
     assert dataset["answer"] == ["6"]
 
 
+def test_tsv_file_is_tab_separated(tmp_path):
+    (tmp_path / "a.tsv").write_text("problem\tanswer\n1,1+1\t2\n")
+    dataset = load_prompt_dataset(args(tmp_path / "a.tsv", dataset_prompt_column="problem"), "train")
+    assert dataset["answer"] == ["2"] and dataset[0]["prompt"] == [{"role": "user", "content": "1,1+1"}]
+
+
 def test_missing_column_is_one_line_naming_it_and_the_columns_there_are(saved_dataset):
     with pytest.raises(ValueError) as error:
         load_prompt_dataset(args(saved_dataset, dataset_answer_column="solution"), "train")

@@ -42,6 +42,11 @@ def test_format_reward_math_verifies_latex():
     assert format_reward(texts, answer=gold) == [1.0, 1.0, 0.0, -1.0]
 
 
+def test_format_reward_reads_any_expression_after_the_marker():
+    texts = ["#### 0.5", r"#### \frac{1}{2}", "#### 1,000\nthanks", "#### 0"]
+    assert format_reward(texts, answer=["1/2", "0.5", "1000", "0.5"]) == [1.0, 1.0, 1.0, 0.0]
+
+
 def test_format_reward_skips_unparseable_reference():
     assert format_reward(["#### 5"], answer=["not a number"]) == [None]
 

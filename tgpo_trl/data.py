@@ -22,9 +22,9 @@ from trl import ScriptArguments
 
 
 PROMPT, ANSWER = "prompt", "answer"
-# The packaged `datasets` builder for a single local data file, by suffix
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet",
-                  ".arrow": "arrow", ".txt": "text"}
+# The packaged `datasets` builder for a single local data file, and its arguments, by suffix
+_FILE_BUILDERS = {".json": ("json", {}), ".jsonl": ("json", {}), ".csv": ("csv", {}), ".tsv": ("csv", {"sep": "\t"}),
+                  ".parquet": ("parquet", {}), ".arrow": ("arrow", {}), ".txt": ("text", {})}
 
 
 @dataclass
@@ -100,10 +100,10 @@ def load_raw_dataset(
         if _is_saved_dataset(path):
             return datasets.load_from_disk(str(path))
         if path.is_file():
-            builder = _FILE_BUILDERS.get(path.suffix.lower())
-            if builder is None:
+            if path.suffix.lower() not in _FILE_BUILDERS:
                 raise ValueError(f"unknown data file type {path.suffix!r} (known: {', '.join(_FILE_BUILDERS)})")
-            return datasets.load_dataset(builder, data_files=str(path), streaming=streaming, **kwargs)
+            builder, builder_kwargs = _FILE_BUILDERS[path.suffix.lower()]
+            return datasets.load_dataset(builder, data_files=str(path), streaming=streaming, **builder_kwargs, **kwargs)
         return datasets.load_dataset(name, config, streaming=streaming, **kwargs)
     except Exception as error:  # hub, file and format errors alike: one line that names the dataset
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from math_verify import LatexExtractionConfig, parse, verify
 from trl.rewards import accuracy_reward as trl_accuracy_reward
 
-from .demo.task import extract_answer
+from .demo.task import ANSWER_MARKER, extract_answer
 
 
 RewardFunc = Callable[..., list[float | None]]
@@ -37,10 +37,12 @@ def _math_verify_timeout() -> int | None:
 
 
 def _parse_prediction(text: str, timeout: int | None) -> list:
-    """The predicted answer: after the demo's `####` marker if present, else the first `\\boxed{}` (or an
-    explicit "final answer is" anchor); an empty list when there is none."""
-    marked = extract_answer(text)
-    if marked is not None:
+    """The predicted answer: the rest of the line after the first `####` marker if there is one (any expression:
+    `0.5`, `1,000`, `\\frac{1}{2}`), else the first `\\boxed{}` (or an explicit "final answer is" anchor); an empty
+    list when there is none."""
+    _, marker, rest = text.partition(ANSWER_MARKER)
+    marked = rest.strip().splitlines()[0].strip() if marker and rest.strip() else ""
+    if marked:
         return parse(marked, parsing_timeout=timeout)
     boxed_only = LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False)
     return parse(text, extraction_config=[boxed_only], extraction_mode="first_match", parsing_timeout=timeout)
@@ -56,10 +58,11 @@ def format_reward(completions: list, answer: list[str], **kwargs) -> list[float 
     rewards = []
     for c, gold in zip(completions, answer, strict=True):
         gold_parsed = parse(str(gold), parsing_timeout=timeout)
-        predicted = _parse_prediction(completion_text(c), timeout)
         if not gold_parsed:
             rewards.append(None)
-        elif not predicted:
+            continue
+        predicted = _parse_prediction(completion_text(c), timeout)
+        if not predicted:
             rewards.append(-1.0)
         else:
             rewards.append(float(verify(gold_parsed, predicted, timeout_seconds=timeout)))
