@@ -40,6 +40,7 @@ def test_quick_run_writes_json_of_the_right_shape(quick_run):
         assert 0 < summary["min"] <= summary["median"] <= summary["max"], name
 
     memory = result["memory"]
+    assert (memory is None) == (not load_script().memory_supported())  # skipped only where it cannot be measured
     expected_checks = CHECKS
     if memory is not None:  # None only where /proc/self/clear_refs cannot be written
         expected_checks = CHECKS | MEMORY_CHECKS

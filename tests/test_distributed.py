@@ -47,7 +47,8 @@ def run_worker(models: Path, out: Path, scenarios: list[str], recipe: str | None
         command = [*launch, "--main_process_port", str(free_port()), *command]
     # The environment (HF_HUB_OFFLINE=1 from conftest among it) is inherited by the launcher and every rank
     result = subprocess.run(
-        command, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=420, check=False
+        command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=420,
+        check=False,
     )
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return {
@@ -161,6 +162,7 @@ def test_zero3_checkpoint_resumes_the_guidance_schedule(zero3, models):
         assert [row["guidance/coef"] for row in training_rows(report["first_log_history"])] == [0.5, 0.375]
         resumed = training_rows(report["resumed_log_history"])
         assert [row["step"] for row in resumed] == [1, 2, 3]  # steps 1-2 restored from the checkpoint, 3 trained
+        assert report["resumed_steps_run"] == [3]
         assert resumed[-1]["guidance/coef"] == 0.25
         assert resumed[-1]["guidance/loss"] > 0
     assert_half_on_each_rank([report["teacher"] for report in reports["resume"]])
@@ -214,4 +216,5 @@ def test_ddp_checkpoint_resumes_the_guidance_schedule(ddp):
     for report in reports["resume"]:
         resumed = training_rows(report["resumed_log_history"])
         assert [row["guidance/coef"] for row in resumed] == [0.5, 0.375, 0.25]
+        assert report["resumed_steps_run"] == [3]  # only step 3 trained: 1-2 came from the checkpoint
     assert AutoModelForCausalLM.from_pretrained(out / "resume" / "final").num_parameters() > 0

@@ -15,6 +15,7 @@ def assert_trains(trainer, logs, *, student_params=None):
         assert math.isfinite(row["loss"])
         for key in ("guidance/loss", "guidance/coef", "gap/reverse_kl", "gap/mismatch_ratio", "entropy"):
             assert math.isfinite(row[key]), key
+        assert row["guidance/loss"] > 0  # the guidance is live, not silently zeroed
     assert math.isfinite(logs[0]["reward"])  # rewards are logged on the steps that generate
     if student_params is not None:
         after = dict(trainer.model.named_parameters())

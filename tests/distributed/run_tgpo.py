@@ -28,7 +28,7 @@ from unittest import mock
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOTrainer
 
 from tgpo_trl import TGPOConfig, TGPOTrainer
@@ -173,6 +173,16 @@ def run_step(models: Path, out: Path, world_size: int) -> dict:
     return report
 
 
+class StepsRun(TrainerCallback):
+    """The optimizer steps a trainer actually takes (not those restored from a checkpoint)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
 def run_resume(models: Path, out: Path, world_size: int) -> dict:
     # In bfloat16, as on GPUs: under ZeRO-3 the saved model is then the gathered 16-bit weights
     schedule = {
@@ -185,8 +195,11 @@ def run_resume(models: Path, out: Path, world_size: int) -> dict:
     del first
 
     resumed = make_trainer(models, make_config(out, world_size, max_steps=3, **schedule))
+    steps_run = StepsRun()
+    resumed.add_callback(steps_run)
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
     report["resumed_log_history"] = resumed.state.log_history
+    report["resumed_steps_run"] = steps_run.steps  # a fresh start would run 1, 2, 3 and log the same history
     resumed.save_model(str(out / "final"))
     return report
 
