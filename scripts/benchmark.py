@@ -6,10 +6,10 @@
     python scripts/benchmark.py --help       # every setting
 
 Regimes (models from `tgpo_trl.demo.build`, task: the sum of three two-digit numbers):
-- `large_gap`: a smaller, less-trained student that solves the problems the teacher's way (column by column) but writes
-  its solutions in other separators, another "family": the teacher gives its tokens almost no probability and has
-  never read prefixes like its own;
-- `small_gap`: the same student trained the same way on the teacher's own writing (its family, only weaker).
+- `large_gap`: the small-gap student's twin (same size, seed and steps) that solves the problems the teacher's way
+  (column by column) but writes its solutions in other separators, another "family", with 10% of its examples in
+  the teacher's writing: the teacher gives its tokens almost no probability (it has learned to read them);
+- `small_gap`: the same student trained on the teacher's own writing (its family, only weaker).
 
 Methods, with the same steps, batch, learning rate, rollouts and seeds:
 - `grpo`: `guidance="none"` (the teacher is only scored, for the `gap/*` metrics);
@@ -50,7 +50,6 @@ REGIMES = ("large_gap", "small_gap")
 METHODS = ("grpo", "opd", "kdrl", "tgpo", "tgpo_topk", "tgpo_sample")
 GUIDED = ("kdrl", "tgpo", "tgpo_topk", "tgpo_sample")
 INTERPRETATION_MARKER = "<!-- interpretation (kept when the sections above are regenerated) -->"
-CURVE_KEYS = ("completions/mean_length", "gap/reverse_kl", "gap/mismatch_ratio", "reward", "guidance/loss")
 
 # Shared settings, chosen by single-seed pilots (docs/benchmarks/methods.md): lr 1e-4, rollouts at temperature 0.7 and
 # a constant lambda = 1. At lr 3e-4 every method, GRPO included, lost held-out accuracy; 1e-3 collapsed GRPO and TGPO
@@ -75,16 +74,21 @@ FULL = {
     "seeds": [0, 1, 2],
     "demo_size": "full",
 }
-QUICK = {**FULL, "steps": 2, "eval_every": 1, "eval_size": 8, "seeds": [0, 1, 2], "demo_size": "quick",
+QUICK = {**FULL, "steps": 2, "eval_every": 1, "eval_size": 8, "demo_size": "quick",
          "prompts_per_step": 2, "num_generations": 2, "max_completion_length": 16}
 
 
 # ---------------------------------------------------------------------------------------------------- one run
 
 
+def decay_steps(settings: dict) -> int:
+    """D of the linear schedule: `decay_fraction` of the steps."""
+    return max(1, round(settings["steps"] * settings["decay_fraction"]))
+
+
 def method_config(method: str, settings: dict) -> dict:
     """The `TGPOConfig` fields that make `method`."""
-    decay = max(1, round(settings["steps"] * settings["decay_fraction"]))
+    decay = decay_steps(settings)
     if method == "grpo":
         return {"guidance": "none"}
     if method == "opd":
@@ -92,7 +96,7 @@ def method_config(method: str, settings: dict) -> dict:
                 "use_task_reward": False}
     if method in GUIDED:
         return {"guidance": method, "guidance_coef": settings["guidance_coef"],
-                "guidance_schedule": settings.get("guidance_schedule", "linear"), "guidance_decay_steps": decay}
+                "guidance_schedule": settings["guidance_schedule"], "guidance_decay_steps": decay}
     raise ValueError(f"Unknown method {method!r}; valid: {', '.join(METHODS)}")
 
 
@@ -119,8 +123,7 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
     # Distinct training problems, a different stream per seed (the build pretrained on seed 0..2 streams of `train`)
     train_set = build_dataset(settings["steps"] * settings["prompts_per_step"], 100 + seed, "train")
 
-    evaluations, logs = [], []
-    records_ = logs
+    evaluations = []
 
     def evaluate(model, step):
         was_training = model.training
@@ -135,12 +138,6 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step % settings["eval_every"] == 0 or state.global_step == state.max_steps:
                 evaluate(model, state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:  # training logs only (not the end-of-train summary)
-                entry = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
-                entry["step"] = state.global_step
-                records_.append(entry)
 
     args = TGPOConfig(
         output_dir=tempfile.mkdtemp(prefix="tgpo-benchmark-"),  # nothing is saved there
@@ -173,7 +170,7 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
         teacher_model=teacher,
         callbacks=[Recorder()],
     )
-    trainer.remove_callback(PrinterCallback)  # the per-step log dicts are recorded, not printed
+    trainer.remove_callback(PrinterCallback)  # the per-step log dicts are kept in `state.log_history`, not printed
     started = time.perf_counter()
     error = None
     try:
@@ -182,6 +179,9 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
         error = f"{type(exception).__name__}: {exception}"
     seconds = time.perf_counter() - started
     shutil.rmtree(args.output_dir, ignore_errors=True)
+    # The per-step training logs (not the end-of-train summary, which has `train_loss` instead of `loss`)
+    logs = [{k: v for k, v in entry.items() if isinstance(v, (int, float))}
+            for entry in trainer.state.log_history if "loss" in entry]
     record = {
         "regime": regime,
         "method": method,
@@ -320,7 +320,7 @@ def write_outputs(records, regimes, methods, seeds, settings, out_dir: Path, wal
         "task": "sum of three two-digit numbers (tgpo_trl.demo.task); held-out greedy exact match",
         "settings": settings,
         "methods": {m: method_config(m, settings) for m in methods},
-        "guidance_decay_steps": max(1, round(settings["steps"] * settings["decay_fraction"])),
+        "guidance_decay_steps": decay_steps(settings),
         "seeds": list(seeds),
         "threads_per_run": 1,
         "parallel_runs": jobs,
@@ -370,7 +370,7 @@ def render_markdown(result, regimes, methods, pngs, records, seeds) -> str:
         f"{s['temperature']}, reward `{s['reward']}` (1 correct, 0 wrong, -1 unparseable), seeds {meta['seeds']}.",
         f"- Guided methods (`kdrl`, `tgpo`, `tgpo_topk`, `tgpo_sample`): lambda_0 = {s['guidance_coef']}, "
         + (f"linear to 0 at D = {meta['guidance_decay_steps']} steps"
-           if s.get("guidance_schedule", "linear") == "linear" else "constant")
+           if s["guidance_schedule"] == "linear" else "constant")
         + f"; top-k = {s['guidance_top_k']}.",
         f"- `opd`: advantage `log p_T - log p_old`, coefficient {s['opd_coef']} (constant), no task reward.",
         "- `grpo`: no guidance (the teacher only scores, for the gap metrics).",
@@ -442,7 +442,7 @@ def parse_args(argv=None):
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--guidance-coef", type=float, default=None)
     p.add_argument("--guidance-schedule", default=None, choices=["linear", "constant"],
-                   help="schedule of the guided methods (default linear; an ablation)")
+                   help="schedule of the guided methods (default constant; linear is the ablation)")
     p.add_argument("--decay-fraction", type=float, default=None, help="D as a fraction of the steps")
     p.add_argument("--loss-type", default=None)
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature of the rollouts")
@@ -486,6 +486,7 @@ def main(argv=None) -> dict:
     settings_file.write_text(json.dumps(settings, indent=2))
 
     started = time.perf_counter()
+    n_jobs = a.jobs if a.jobs is not None else (0 if a.quick else 2)  # 0: in this process
     if not a.aggregate:
         from tgpo_trl.demo.build import build_demo_models
 
@@ -500,7 +501,6 @@ def main(argv=None) -> dict:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     jobs.append((regime, method, seed, settings, str(path)))
         print(f"{len(jobs)} runs to do ({results_dir})", flush=True)
-        n_jobs = a.jobs if a.jobs is not None else (0 if a.quick else 2)
         if jobs and n_jobs == 0:  # in this process, one after the other (no process start-up: the quick mode)
             for job in jobs:
                 report(run_one(*job))
@@ -517,8 +517,7 @@ def main(argv=None) -> dict:
         timings["wall_seconds"] += wall
         timing_file.write_text(json.dumps(timings))
     result = write_outputs(records, a.regimes, a.methods, seeds, settings, out_dir, timings["wall_seconds"],
-                           a.jobs if a.jobs is not None else (1 if a.quick else 2),
-                           do_plot=not a.no_plots)
+                           max(n_jobs, 1), do_plot=not a.no_plots)
     for regime in a.regimes:
         print(regime, {m: round(st["mean"], 3) for m, st in result["meta"]["final_stats"][regime].items()},
               "step-0 gap:", {k: round(v["mean"], 3) for k, v in result["meta"]["step0_gap"][regime].items()})

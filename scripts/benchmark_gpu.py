@@ -33,14 +33,11 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
-from trl import DistillationConfig, GRPOConfig, GRPOTrainer  # noqa: E402
 
-from tgpo_trl import TGPOConfig, TGPOTrainer  # noqa: E402
-from tgpo_trl.teacher import score_completions  # noqa: E402
 
 
 REPO = speed.REPO
-METHODS = ("grpo", "tgpo", "tgpo_topk", "distillation")
+METHODS = speed.METHODS
 PROBES = speed.PROBES
 # Public Qwen2.5 configurations (config.json of Qwen/Qwen2.5-1.5B and Qwen/Qwen2.5-7B), less the vocabulary: both models
 # get `Settings.vocab` rows, because TRL's DistillationTrainer refuses a teacher whose vocab_size differs from the
@@ -87,10 +84,6 @@ def qwen2(shape: str, settings: Settings, device: torch.device, dtype: torch.dty
     return model.eval()
 
 
-def parameter_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
 class CudaStepRecorder(speed.StepRecorder):
     """Step wall time with the device synchronized at both ends, and the step's peak allocated device memory."""
 
@@ -100,64 +93,24 @@ class CudaStepRecorder(speed.StepRecorder):
         self.allocated_before = []
 
     def on_step_begin(self, args, state, control, **kwargs):
+        speed.synchronize(self.device)
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.allocated_before.append(torch.cuda.memory_allocated(self.device))
         super().on_step_begin(args, state, control, **kwargs)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        speed.synchronize(self.device)
         super().on_step_end(args, state, control, **kwargs)
         if self.device.type == "cuda":
             self.peaks.append(torch.cuda.max_memory_allocated(self.device))
 
 
 def build_trainer(method: str, setup: speed.Setup, student, teacher, output_dir: str, device: torch.device):
-    s = setup.settings
+    """`benchmark_speed.build_trainer` with these models, bf16 on a GPU, and `Settings.gradient_checkpointing`."""
     bf16 = device.type == "cuda"
-    args = dict(
-        output_dir=output_dir, per_device_train_batch_size=s.batch, gradient_accumulation_steps=1,
-        max_completion_length=s.completion_length, learning_rate=1e-6, max_steps=1, logging_steps=10**6,
-        report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=not bf16, bf16=bf16,
-        gradient_checkpointing=bool(s.gradient_checkpointing), seed=s.seed,
-    )
-    common = dict(train_dataset=setup.dataset, processing_class=setup.tokenizer)
-    if method == "distillation":
-        config = DistillationConfig(**args, beta=1.0, temperature=1.0)  # reverse KL
-        trainer = speed.FixedDistillationTrainer(student, teacher, args=config, setup=setup, **common)
-    elif method == "grpo":
-        config = GRPOConfig(**args, num_generations=s.num_generations)
-        trainer = GRPOTrainer(student, speed.alternating_reward, args=config, rollout_func=speed.fixed_rollout(setup),
-                              **common)
-    else:
-        config = TGPOConfig(**args, num_generations=s.num_generations, guidance=method, guidance_top_k=s.top_k)
-        trainer = TGPOTrainer(student, speed.alternating_reward, args=config, rollout_func=speed.fixed_rollout(setup),
-                              teacher_model=teacher, teacher_processing_class=setup.tokenizer, **common)
-    for callback in (speed.PrinterCallback, speed.ProgressCallback):
-        trainer.remove_callback(callback)
-    return trainer
-
-
-def time_teacher_forward(trainer, setup: speed.Setup, steps: int, device: torch.device) -> list[float]:
-    """`score_completions` over the step's batch, as TGPO calls it, synchronized; one time per call."""
-    prompt_ids, completion_ids = setup.prompt_ids.to(device), setup.completion_ids.to(device)
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        score_completions(
-            trainer.teacher_model, prompt_ids, torch.ones_like(prompt_ids), completion_ids,
-            torch.ones_like(completion_ids), batch_size=trainer.args.per_device_train_batch_size,
-            top_k=trainer.args.guidance_top_k if trainer.guidance == "tgpo_topk" else 0,
-            autocast=trainer.accelerator.autocast,
-        )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return speed.build_trainer(method, setup, output_dir, student=student, teacher=teacher, use_cpu=not bf16,
+                               bf16=bf16, gradient_checkpointing=bool(setup.settings.gradient_checkpointing))
 
 
 def measure(settings: Settings, device: torch.device, log) -> dict:
@@ -169,9 +122,9 @@ def measure(settings: Settings, device: torch.device, log) -> dict:
         for method in METHODS:
             if method != "grpo" and teacher is None:
                 teacher = qwen2(settings.teacher, settings, device, dtype, seed=1).requires_grad_(False)
-                results["teacher_weight_bytes"] = parameter_bytes(teacher)
+                results["teacher_weight_bytes"] = speed.parameter_bytes(teacher)
             student = qwen2(settings.student, settings, device, dtype, seed=0)
-            results["student_weight_bytes"] = parameter_bytes(student)
+            results.setdefault("student_weight_bytes", speed.parameter_bytes(student))
             trainer = recorder = None
             try:
                 trainer = build_trainer(method, setup, student, teacher, os.path.join(output_dir, method), device)
@@ -191,9 +144,9 @@ def measure(settings: Settings, device: torch.device, log) -> dict:
                     + (f", peak {entry['peak_allocated_bytes'] / 2**30:.1f} GiB" if recorder.peaks else ""))
                 for probe, owner in PROBES.items():
                     if owner == method:
-                        time_teacher_forward(trainer, setup, 1, device)  # warm-up
+                        speed.time_teacher_forward(trainer, setup, 1)  # warm-up
                         results["probes"][probe] = speed.summary(
-                            time_teacher_forward(trainer, setup, settings.steps, device))
+                            speed.time_teacher_forward(trainer, setup, settings.steps))
                         log(f"  {probe}: {results['probes'][probe]['median'] * 1e3:,.0f} ms")
             except Exception as exception:  # e.g. out of memory: a result to report, not a reason to lose the others
                 results["errors"][method] = f"{type(exception).__name__}: {str(exception)[:500]}"
@@ -208,7 +161,7 @@ def measure(settings: Settings, device: torch.device, log) -> dict:
 def analyse(settings: Settings, measured: dict) -> dict:
     """The issue's ratios, on this device: overhead over the teacher forward, against distillation, extra memory."""
     methods, probes, checks = measured["methods"], measured["probes"], {}
-    tensor_bytes = settings.batch * settings.completion_length * settings.vocab * 4
+    tensor_bytes = speed.logits_tensor_bytes(settings)
     for method, probe in (("tgpo", "teacher_forward"), ("tgpo_topk", "teacher_forward_topk")):
         if method not in methods or "grpo" not in methods or probe not in probes:
             continue
@@ -247,13 +200,14 @@ def markdown(result: dict) -> str:
     s, env, measured = Settings(**result["settings"]), result["environment"], result["measured"]
     where = f"{env.get('gpu', env['device'])}, {env['dtype']}"
     lines = [
-        "# GPU figures: a TGPO step against GRPO and TRL's DistillationTrainer, 1.5B student, 7B teacher",
+        f"# GPU figures: a TGPO step against GRPO and TRL's DistillationTrainer, {s.student} student, {s.teacher} teacher",
         "",
         f"Generated by `python scripts/benchmark_gpu.py` on {env['date']} ({where}; torch {env['torch']}, "
         f"transformers {env['transformers']}, TRL {env['trl']}). Measurements in `gpu.json` next to this file."
         + (" **Quick mode: tiny shapes, the numbers mean nothing.**" if result["quick"] else ""),
         "",
-        f"- Student: {s.student} shape, teacher: {s.teacher} shape (public Qwen2.5 configurations), random weights, "
+        f"- Student: {s.student} shape, teacher: {s.teacher} shape"
+        + (" (public Qwen2.5 configurations)" if s.student.startswith("qwen") else "") + ", random weights, "
         f"{s.vocab:,}-token vocabulary for both. Student weights {gib(measured['student_weight_bytes'])}, teacher "
         f"{gib(measured['teacher_weight_bytes'])}; both held in {env['dtype']}"
         + (", training under bf16 autocast" if env["dtype"] == "bfloat16" else "")
@@ -283,7 +237,7 @@ def markdown(result: dict) -> str:
         before = gib(entry["allocated_before_step_bytes"]) if "allocated_before_step_bytes" in entry else "n/a"
         lines.append(f"| {names[method]} | {entry['median'] * 1e3:,.0f} ms | {entry['min'] * 1e3:,.0f}-"
                      f"{entry['max'] * 1e3:,.0f} ms | {entry['tokens_per_second']:,.0f} | {peak} | {before} |")
-    for probe, label in (("teacher_forward", "teacher forward alone (`score_completions`)"),
+    for probe, label in (("teacher_forward", "teacher forward alone (`TGPOTrainer.score_with_teacher`)"),
                          ("teacher_forward_topk", f"teacher forward alone, with the top-{s.top_k}")):
         if probe in measured["probes"]:
             lines.append(f"| {label} | {measured['probes'][probe]['median'] * 1e3:,.0f} ms | | | | |")
@@ -291,7 +245,7 @@ def markdown(result: dict) -> str:
     for name, check in result["checks"].items():
         lines.append(f"| {name} | {check['value']:.3f} | <= {check['target']} | {'pass' if check['pass'] else 'FAIL'} |")
     methods, probes = measured["methods"], measured["probes"]
-    if {"grpo", "tgpo", "distillation"} <= set(methods) and "teacher_forward" in probes:
+    if not result["quick"] and {"grpo", "tgpo", "distillation"} <= set(methods) and "teacher_forward" in probes:
         rest = methods["tgpo"]["median"] - probes["teacher_forward"]["median"]
         lines += [
             "",
@@ -299,7 +253,7 @@ def markdown(result: dict) -> str:
             "",
             f"- A TGPO step less its teacher forward takes {rest * 1e3:,.0f} ms, against {methods['grpo']['median'] * 1e3:,.0f}"
             " ms for the GRPO step: the student's side of TGPO is GRPO's own (TRL's fused Triton head, unchanged) plus "
-            "two gathered logits per position and a few `(B, T)` operations. What TGPO adds is the teacher forward.",
+            "two gathered logits per position (1 + K for `tgpo_topk`) and a few `(B, T)` operations. What TGPO adds is the teacher forward.",
             "- `DistillationTrainer` runs the same teacher forward and a student forward and backward of the same size, "
             "so parity with it is the expected result: a TGPO step can only be faster if its teacher forward is. Both "
             "are dominated by the 7B-shaped backbone (about 2.7e14 FLOPs per step for the teacher alone).",
@@ -313,7 +267,7 @@ def markdown(result: dict) -> str:
             )
         lines += [
             "- History: TGPO's first student head was its own tiled kernel in torch ops, with fp32 matmuls in its "
-            "backward. On this GPU it made a TGPO step 1,640 ms (overhead ratio 1.65, 1.30x the distillation step); "
+            "backward. On an H100 (these shapes) it made a TGPO step 1,640 ms (overhead ratio 1.65, 1.30x the distillation step); "
             "reading the extra columns off TRL's head instead brought it to the figures above. An earlier run of the "
             "new head, the same session, before a change to the teacher's scoring (log-sum-exp instead of a written "
             "log-softmax): TGPO 1,257 ms, distillation 1,261 ms (ratio 0.997), `tgpo_topk` 1.047x; GRPO 657 ms, "

@@ -21,8 +21,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from tgpo_trl.demo.build import build_demo_models  # noqa: E402
-from tgpo_trl.demo.evaluate import encode_prompts, generate_completions, teacher_accuracy_from_prefixes  # noqa: E402
-from tgpo_trl.demo.task import MAX_COMPLETION_LENGTH, build_dataset, extract_answer  # noqa: E402
+from tgpo_trl.demo.evaluate import (  # noqa: E402
+    accuracy_from_prefixes,
+    encode_prompts,
+    exact_match_accuracy,
+    generate_completions,
+)
+from tgpo_trl.demo.task import MAX_COMPLETION_LENGTH, build_dataset  # noqa: E402
 
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75)
@@ -39,25 +44,16 @@ def main(size: str, problems: int, seed: int, temperature: float = 0.7) -> dict:
                             "temperature": temperature, "teacher_build": models.report["settings"]["teacher"]}}
     for name in ("student_large_gap", "student_small_gap"):
         student = AutoModelForCausalLM.from_pretrained(getattr(models, name))
-        rollouts = generate_completions(student, tokenizer, prompts, MAX_COMPLETION_LENGTH, do_sample=True,
+        rollouts = generate_completions(student, tokenizer, prompts, MAX_COMPLETION_LENGTH,
                                         temperature=temperature)
         texts = tokenizer.batch_decode(rollouts, skip_special_tokens=True)
-        student_accuracy = sum(extract_answer(t) == a for t, a in zip(texts, test_set["answer"], strict=True))
-        results[name] = {
-            "student_sampled_accuracy": student_accuracy / problems,
-            "teacher_accuracy_from_prefix": {
-                str(fraction): teacher_accuracy_from_prefixes(
-                    teacher, tokenizer, test_set, rollouts, fraction, MAX_COMPLETION_LENGTH
-                )
+        results[name] = {"student_sampled_accuracy": exact_match_accuracy(texts, test_set["answer"])}
+        for role, model in (("teacher", teacher), ("student", student)):
+            results[name][f"{role}_accuracy_from_prefix"] = {
+                str(fraction): accuracy_from_prefixes(model, tokenizer, test_set, rollouts, fraction,
+                                                      MAX_COMPLETION_LENGTH)
                 for fraction in FRACTIONS
-            },
-            "student_accuracy_from_prefix": {
-                str(fraction): teacher_accuracy_from_prefixes(
-                    student, tokenizer, test_set, rollouts, fraction, MAX_COMPLETION_LENGTH
-                )
-                for fraction in FRACTIONS
-            },
-        }
+            }
         print(name, json.dumps(results[name]), flush=True)
     return results
 

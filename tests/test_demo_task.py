@@ -229,9 +229,9 @@ def test_teacher_agrees_with_its_own_greedy_completions(quick_build):
     assert teacher_mismatch_ratio(teacher, tokenizer, prompts, others, batch_size=16) > 0.5
 
 
-def test_teacher_accuracy_from_prefixes_spans_teacher_and_student():
+def test_accuracy_from_prefixes_spans_teacher_and_student():
     """From an empty prefix it is the teacher's own greedy accuracy; from the whole rollout, the rollout's own."""
-    from tgpo_trl.demo.evaluate import encode_prompts, generate_completions, teacher_accuracy_from_prefixes
+    from tgpo_trl.demo.evaluate import encode_prompts, generate_completions, accuracy_from_prefixes
 
     models = build.build_demo_models(size="quick", progress=False)  # the shared default cache, as the CLI tests
     tokenizer = AutoTokenizer.from_pretrained(models.tokenizer)
@@ -240,12 +240,12 @@ def test_teacher_accuracy_from_prefixes_spans_teacher_and_student():
     test_set = build_dataset(24, 0, "test")
     torch.manual_seed(0)
     rollouts = generate_completions(student, tokenizer, encode_prompts(tokenizer, test_set["prompt"]),
-                                    MAX_COMPLETION_LENGTH, do_sample=True)
+                                    MAX_COMPLETION_LENGTH, temperature=1.0)
 
-    from_prompt = teacher_accuracy_from_prefixes(teacher, tokenizer, test_set, rollouts, 0.0, MAX_COMPLETION_LENGTH)
+    from_prompt = accuracy_from_prefixes(teacher, tokenizer, test_set, rollouts, 0.0, MAX_COMPLETION_LENGTH)
     assert from_prompt == greedy_evaluation(teacher, tokenizer, test_set, MAX_COMPLETION_LENGTH).accuracy
     # A rollout kept whole up to its <eos>: the teacher can only add text after the student's marker line
     texts = tokenizer.batch_decode(rollouts, skip_special_tokens=True)
     student_correct = [extract_answer(t) == a for t, a in zip(texts, test_set["answer"], strict=True)]
-    whole = teacher_accuracy_from_prefixes(teacher, tokenizer, test_set, rollouts, 1.0, MAX_COMPLETION_LENGTH)
+    whole = accuracy_from_prefixes(teacher, tokenizer, test_set, rollouts, 1.0, MAX_COMPLETION_LENGTH)
     assert whole >= sum(student_correct) / len(texts)

@@ -182,7 +182,7 @@ def test_degenerate_batches_train_without_nan(tmp_path, student, teacher, tokeni
     eos = tokenizer.eos_token_id
     everything_but_eos = [i for i in range(len(tokenizer)) if i != eos]
     settings = {
-        # 8 x 200 completion positions: two row tiles of the fused LM head (1024 positions each), the second ragged
+        # 8 x 200 = 1,600 completion positions per batch, every completion truncated
         "long_all_truncated": {"max_completion_length": 200, "generation_kwargs": {"suppress_tokens": [eos]},
                                "max_steps": 1},
         "only_eos": {"generation_kwargs": {"suppress_tokens": everything_but_eos}},

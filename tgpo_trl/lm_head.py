@@ -47,15 +47,6 @@ def logit_transform(config) -> tuple[float, float | None]:
     return (1.0 if scale is None else scale), softcap
 
 
-def _project(hidden, weight, bias, vocab_size, dtype, logit_scale, softcap):
-    """Transformed fp32 logits of `hidden` over the first `vocab_size` ids (the teacher's scoring chunk)."""
-    tile = hidden.to(dtype) @ weight[:vocab_size].to(dtype).t()
-    if bias is not None:
-        tile = tile + bias[:vocab_size].to(dtype)
-    # Statistics in fp32 keep bf16 runs unbiased (see TRL's kernel notes)
-    return transform_logits(tile.float(), logit_scale, softcap, 1.0)
-
-
 class GatheredLogits(torch.autograd.Function):
     """
     Raw logits `hidden[n] . weight[ids[n, c]] (+ bias[ids[n, c]])` at `C` ids per row, without a vocabulary-wide
@@ -172,11 +163,10 @@ class StudentLogProbs:
                 output = fused_forward(*args, fused_lm_head=True, labels=labels, **kwargs)
             finally:
                 hook.remove()
-            labels = kwargs["shift_labels"] if kwargs.get("shift_labels") is not None else labels[:, 1:]
-            hidden = caught[0].last_hidden_state
-            if kwargs.get("shift_labels") is None:
-                hidden = hidden[:, :-1]
-            this._gather(self, hidden, labels, output)
+            hidden, shifted = caught[0].last_hidden_state, kwargs.get("shift_labels")
+            if shifted is None:  # as TRL's head: the last position predicts nothing
+                hidden, shifted = hidden[:, :-1], labels[:, 1:]
+            this._gather(self, hidden, shifted, output)
             return output
 
         model.forward = types.MethodType(forward, model)
@@ -282,10 +272,18 @@ def score_rows(hidden, weight, bias, labels, vocab_size, logit_scale, softcap, t
     device = hidden.device
     rows_per_chunk = max(1, TEACHER_CHUNK_ELEMENTS // vocab_size)
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+    # Cast once, not per chunk: an fp32 teacher under bf16 autocast would rewrite its whole head for every chunk
+    weight = weight[:vocab_size].to(dtype)
+    bias = bias[:vocab_size].to(dtype) if bias is not None else None
     parts = []
     for start in range(0, num_rows, rows_per_chunk):
         rows = slice(start, min(start + rows_per_chunk, num_rows))
-        z = _project(hidden[rows], weight, bias, vocab_size, dtype, logit_scale, softcap)
+        tile = hidden[rows].to(dtype) @ weight.t()
+        if bias is not None:
+            tile = tile + bias
+        # Statistics in fp32 keep bf16 runs unbiased (see TRL's kernel notes)
+        z = transform_logits(tile.float(), logit_scale, softcap, 1.0)
+        del tile
         # Everything is read off `z` and its log-partition: no `(rows, vocab)` log-softmax is written. A row holding a
         # NaN or +inf has a non-finite log-partition (a -inf logit is a legitimate zero probability).
         log_z = torch.logsumexp(z, dim=-1)

@@ -236,16 +236,8 @@ class TGPOTrainer(GRPOTrainer):
         if self.teacher_model is None:
             return output
         mode = "train" if self.model.training else "eval"
-        scores = score_completions(
-            self.teacher_model,
-            output["prompt_ids"],
-            output["prompt_mask"],
-            output["completion_ids"],
-            output["completion_mask"],
-            batch_size=self._forward_batch_size,
-            top_k=self.args.guidance_top_k if self.guidance in ("tgpo_topk", "rkl_topk") else 0,
-            sample=self.guidance == "tgpo_sample",
-            autocast=self.accelerator.autocast,
+        scores = self.score_with_teacher(
+            output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"]
         )
         self._check_teacher_output(scores.valid, self._loss_mask(output), mode)
         output.update(scores.as_dict())
@@ -255,6 +247,20 @@ class TGPOTrainer(GRPOTrainer):
         elif not self.args.use_task_reward:
             output["advantages"] = torch.zeros_like(output["advantages"])
         return output
+
+    def score_with_teacher(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        """The teacher's one no-grad forward over a batch of rollouts, keeping what `self.guidance` needs."""
+        return score_completions(
+            self.teacher_model,
+            prompt_ids,
+            prompt_mask,
+            completion_ids,
+            completion_mask,
+            batch_size=self._forward_batch_size,
+            top_k=self.args.guidance_top_k if self.guidance in ("tgpo_topk", "rkl_topk") else 0,
+            sample=self.guidance == "tgpo_sample",
+            autocast=self.accelerator.autocast,
+        )
 
     @property
     def _forward_batch_size(self) -> int:

@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .evaluate import encode_prompts, greedy_completions, greedy_evaluation, pad_rows, teacher_mismatch_ratio
+from .evaluate import encode_prompts, evaluate_completions, greedy_completions, pad_rows, teacher_mismatch_ratio
 from .models import tiny_qwen2
 from .task import MAX_COMPLETION_LENGTH, build_dataset, iter_problems, solution_text
 from .tokenizer import build_char_tokenizer
@@ -70,15 +70,23 @@ class BuildSettings:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _student_pair(hidden_size: int, num_layers: int, num_heads: int, steps: int) -> dict[str, ModelSpec]:
+    """
+    The two students: the same model trained the same way on the same column method, written in other separators
+    with 10% of the examples in the teacher's (large gap) or in the teacher's own (small gap). They differ in family,
+    not in skill.
+    """
+    small = ModelSpec(hidden_size, num_layers, num_heads, "teacher", steps=steps, learning_rate=3e-3, seed=2)
+    return {"student_small_gap": small,
+            "student_large_gap": replace(small, style="commas", teacher_style_fraction=0.1)}
+
+
 SIZES = {
-    # The two students are the same model trained the same way on the same column method, written in the teacher's
-    # separators (small gap) or in others (large gap): they differ in family, not in skill. The teacher-style
-    # student's accuracy jumps between 200 and 300 steps (to ~50%): 250 keeps it weak. Measured figures: build.json.
+    # The teacher-style student's accuracy jumps between 200 and 300 steps (to ~50%): 250 keeps it weak. Measured
+    # figures: build.json.
     "full": BuildSettings(
         teacher=ModelSpec(128, 4, 4, "teacher", steps=1000, learning_rate=3e-3, seed=0, foreign_prefix_fraction=0.5),
-        student_large_gap=ModelSpec(64, 2, 4, "commas", steps=250, learning_rate=3e-3, seed=2,
-                                    teacher_style_fraction=0.1),
-        student_small_gap=ModelSpec(64, 2, 4, "teacher", steps=250, learning_rate=3e-3, seed=2),
+        **_student_pair(64, 2, 4, steps=250),
         batch_size=32,
         eval_size=500,
         eval_seed=0,
@@ -86,9 +94,7 @@ SIZES = {
     # For tests: the same pipeline at a fraction of the cost; accuracies are not meaningful.
     "quick": BuildSettings(
         teacher=ModelSpec(32, 2, 2, "teacher", steps=150, learning_rate=3e-3, seed=0, foreign_prefix_fraction=0.5),
-        student_large_gap=ModelSpec(16, 1, 2, "commas", steps=150, learning_rate=3e-3, seed=2,
-                                    teacher_style_fraction=0.1),
-        student_small_gap=ModelSpec(16, 1, 2, "teacher", steps=150, learning_rate=3e-3, seed=2),
+        **_student_pair(16, 1, 2, steps=150),
         batch_size=16,
         eval_size=64,
         eval_seed=0,
@@ -208,13 +214,14 @@ def _build(root: Path, settings: BuildSettings, size: str, progress: bool) -> di
     tokenizer = build_char_tokenizer()
     tokenizer.save_pretrained(root / "tokenizer")
     test_set = build_dataset(settings.eval_size, settings.eval_seed, "test")
-    models, report_models = {}, {}
+    models, completions, report_models = {}, {}, {}
     for name in MODEL_NAMES:
         spec = getattr(settings, name)
         model_started = time.perf_counter()
         model = tiny_qwen2(tokenizer, spec.hidden_size, spec.num_layers, spec.num_heads, seed=spec.seed)
         final_loss = train_supervised(model, tokenizer, spec, settings.batch_size, progress)
-        evaluation = greedy_evaluation(model, tokenizer, test_set, MAX_COMPLETION_LENGTH)
+        completions[name] = greedy_completions(model, tokenizer, test_set["prompt"], MAX_COMPLETION_LENGTH)
+        evaluation = evaluate_completions(tokenizer, completions[name], test_set["answer"])
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
         models[name] = model
@@ -226,9 +233,8 @@ def _build(root: Path, settings: BuildSettings, size: str, progress: bool) -> di
         }
     # The gap each student starts RL with: how often the teacher would have written another token.
     for name in ("student_large_gap", "student_small_gap"):
-        completions = greedy_completions(models[name], tokenizer, test_set["prompt"], MAX_COMPLETION_LENGTH)
         report_models[name]["teacher_mismatch_ratio"] = teacher_mismatch_ratio(
-            models["teacher"], tokenizer, test_set["prompt"], completions
+            models["teacher"], tokenizer, test_set["prompt"], completions[name]
         )
     return {
         "key": settings.key(),

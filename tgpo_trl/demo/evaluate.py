@@ -6,7 +6,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .task import extract_answer
+from ..rewards import exact_match_reward
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,14 @@ def generate_completions(
     prefixes: list[list[int]],
     max_new_tokens: int,
     batch_size: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
+    temperature: float | None = None,
 ) -> list[list[int]]:
-    """Completion ids after token-id prefixes (greedy, or sampled at `temperature`), cut after the first <eos> (kept, as
-    GRPO's mask keeps it)."""
+    """Completion ids after token-id prefixes (greedy, or sampled at `temperature` when one is given), cut after the
+    first <eos> (kept, as GRPO's mask keeps it)."""
     model.eval()
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
+    sampling = {"do_sample": False}
+    if temperature is not None:
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
     completions = []
     for start in range(0, len(prefixes), batch_size):
         ids, mask = pad_rows(prefixes[start : start + batch_size], tokenizer.pad_token_id, "left")
@@ -94,23 +95,20 @@ def greedy_evaluation(
 ) -> GreedyEvaluation:
     """Exact match of `extract_answer` on greedy completions against the dataset's `answer` column."""
     completions = greedy_completions(model, tokenizer, dataset["prompt"], max_new_tokens, batch_size)
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    correct = [extract_answer(text) == answer for text, answer in zip(texts, dataset["answer"], strict=True)]
+    return evaluate_completions(tokenizer, completions, dataset["answer"])
+
+
+def evaluate_completions(tokenizer: PreTrainedTokenizerBase, completions: list[list[int]], answers) -> GreedyEvaluation:
+    """Exact-match accuracy (the `exact_match` reward) and mean length (<eos> included) of completion ids."""
     return GreedyEvaluation(
-        accuracy=sum(correct) / len(correct),
+        accuracy=exact_match_accuracy(tokenizer.batch_decode(completions, skip_special_tokens=True), answers),
         mean_length=sum(map(len, completions)) / len(completions),
     )
 
 
-def greedy_accuracy(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    dataset: Dataset,
-    max_new_tokens: int,
-    batch_size: int = 64,
-) -> float:
-    """Held-out greedy exact-match accuracy (see `greedy_evaluation`)."""
-    return greedy_evaluation(model, tokenizer, dataset, max_new_tokens, batch_size).accuracy
+def exact_match_accuracy(texts: list[str], answers) -> float:
+    """Share of `texts` whose `####` answer is the reference (`tgpo_trl.rewards.exact_match_reward`)."""
+    return sum(exact_match_reward(texts, answer=list(answers))) / len(texts)
 
 
 @torch.no_grad()
@@ -144,8 +142,8 @@ def teacher_mismatch_ratio(
     return mismatches / tokens
 
 
-def teacher_accuracy_from_prefixes(
-    teacher: PreTrainedModel,
+def accuracy_from_prefixes(
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     dataset: Dataset,
     rollouts: list[list[int]],
@@ -153,11 +151,12 @@ def teacher_accuracy_from_prefixes(
     max_new_tokens: int,
     batch_size: int = 64,
 ) -> float:
-    """Exact match when the teacher greedily finishes each student rollout cut after `fraction` of its tokens.
+    """Exact match when `model` greedily finishes each rollout cut after `fraction` of its tokens.
 
-    TGPO's target at a position is the teacher's prediction on the student's own prefix: this says whether that
-    prediction still leads anywhere once the prefix is the student's (1.0 = as good as from the prompt, 0 = the
-    teacher has no correct continuation to point at).
+    With the teacher as `model` and student rollouts: TGPO's target at a position is the teacher's prediction on the
+    student's own prefix, and this says whether that prediction still leads anywhere once the prefix is the student's
+    (1.0 = as good as from the prompt, 0 = the teacher has no correct continuation to point at). With the student
+    itself as `model`, it is the baseline a prefix allows.
     """
     prefixes, heads = [], []
     for prompt, rollout in zip(encode_prompts(tokenizer, dataset["prompt"]), rollouts, strict=True):
@@ -165,7 +164,6 @@ def teacher_accuracy_from_prefixes(
         head = body[: int(len(body) * fraction)]
         prefixes.append(prompt + head)
         heads.append(head)
-    continuations = generate_completions(teacher, tokenizer, prefixes, max_new_tokens, batch_size)
+    continuations = generate_completions(model, tokenizer, prefixes, max_new_tokens, batch_size)
     texts = tokenizer.batch_decode([h + c for h, c in zip(heads, continuations, strict=True)], skip_special_tokens=True)
-    correct = [extract_answer(text) == answer for text, answer in zip(texts, dataset["answer"], strict=True)]
-    return sum(correct) / len(correct)
+    return exact_match_accuracy(texts, dataset["answer"])

@@ -1,12 +1,11 @@
 """The demo's verifiable reasoning task: the sum of three two-digit numbers.
 
-Why this task: the answer needs two carries, which a 64-hidden/2-layer student can hardly produce in one shot
+Why this task: the answer needs two carries, which a 64-hidden/2-layer model can hardly produce in one shot
 ("bare" answers), while a worked column-wise solution turns it into two small digit sums that a
-128-hidden/4-layer teacher learns almost perfectly. The teacher's way of solving is therefore both learnable
-and better than the bare student's own: the regime TGPO is meant for. The "commas" style is the same column
+128-hidden/4-layer teacher learns almost perfectly and a 64-hidden/2-layer student only partly. The "commas" style is the same column
 method written differently (`,` between digits, `:` for `=`, `;` between lines): a student trained on it has the
-same skill as one trained on the teacher's style, but the teacher gives its separators almost no probability and has
-never read its prefixes (large gap), while a student trained on the teacher's own style is the teacher's family, only
+same skill as one trained on the teacher's style, but the teacher gives its separators almost no probability, though
+it has learned to read them (large gap), while a student trained on the teacher's own style is the teacher's family, only
 weaker (small gap). "alt" (running sums of whole numbers, left to right) is a different method altogether.
 
 Every completion ends with a marker line `#### <answer>` that `extract_answer` reads.
