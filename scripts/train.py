@@ -142,15 +142,14 @@ def main(script_args: TGPOScriptArguments, training_args: TGPOConfig, model_args
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
-    # The card links the dataset on the Hub: name it only when it is a Hub dataset
-    hub_dataset = None if os.path.exists(script_args.dataset_name) else script_args.dataset_name
+    # The card links a Hub dataset and names a local one without a link
     if training_args.push_to_hub:  # TRL's path: saves the model and writes the card to output_dir, then uploads both
-        trainer.push_to_hub(dataset_name=hub_dataset)
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}")
     else:
         trainer.save_model(training_args.output_dir)
         trainer.create_model_card(model_name=os.path.basename(os.path.normpath(training_args.output_dir)),
-                                  dataset_name=hub_dataset)
+                                  dataset_name=script_args.dataset_name)
     trainer.accelerator.print(f"Model and model card saved to {training_args.output_dir}")
     if hasattr(trainer, "end"):  # transformers >= 5.18: close the trackers and the process group
         trainer.end()

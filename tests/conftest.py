@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from tgpo_trl import TGPOConfig, TGPOTrainer  # noqa: E402
+from tgpo_trl import CHECKPOINTING_FIELD, TGPOConfig, TGPOTrainer  # noqa: E402
 from tgpo_trl.demo.models import tiny_qwen2  # noqa: E402
 from tgpo_trl.demo.tokenizer import build_char_tokenizer  # noqa: E402
 
@@ -46,7 +46,8 @@ def dataset():
     return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{i}+{i + 1}="}] for i in range(16)]})
 
 
-def make_config(tmp_path, **overrides):
+def config_settings(tmp_path, **overrides) -> dict:
+    """The tests' small training settings, as keyword arguments of `TGPOConfig`."""
     settings = dict(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
@@ -62,10 +63,14 @@ def make_config(tmp_path, **overrides):
         seed=0,
         guidance_coef=0.5,
         bf16=False,  # exact float32 arithmetic, so recomputations can be compared tightly
-        gradient_checkpointing=False,
     )
+    settings[CHECKPOINTING_FIELD] = False
     settings.update(overrides)
-    return TGPOConfig(**settings)
+    return settings
+
+
+def make_config(tmp_path, **overrides):
+    return TGPOConfig(**config_settings(tmp_path, **overrides))
 
 
 def make_trainer(

@@ -14,6 +14,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 from datasets import Dataset, DatasetDict  # noqa: E402
 
+from tgpo_trl import CHECKPOINTING_FIELD  # noqa: E402
 from tgpo_trl.demo import run as demo_run  # noqa: E402
 from tgpo_trl.demo.build import build_demo_models  # noqa: E402
 
@@ -23,7 +24,7 @@ SCRIPT = ROOT / "scripts" / "train.py"
 # Subprocesses: one thread each (two cores are shared), offline, the same demo cache as this process
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
 SMALL_RUN = ["--max_steps", "1", "--per_device_train_batch_size", "8", "--num_generations", "4",
-             "--max_completion_length", "8", "--use_cpu", "true", "--bf16", "false", "--gradient_checkpointing",
+             "--max_completion_length", "8", "--use_cpu", "true", "--bf16", "false", f"--{CHECKPOINTING_FIELD}",
              "false", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
 
 

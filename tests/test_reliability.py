@@ -224,7 +224,7 @@ TRAINING_SCRIPT = textwrap.dedent('''\
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from tgpo_trl import TGPOConfig, TGPOTrainer
+    from tgpo_trl import CHECKPOINTING_FIELD, TGPOConfig, TGPOTrainer
     from tgpo_trl.demo.models import tiny_qwen2
     from tgpo_trl.demo.tokenizer import build_char_tokenizer
 
@@ -260,7 +260,7 @@ TRAINING_SCRIPT = textwrap.dedent('''\
         args = TGPOConfig(
             output_dir=output_dir, per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
             max_steps=MAX_STEPS, learning_rate=1e-3, report_to=[], logging_steps=1, use_cpu=True, disable_tqdm=True,
-            seed=0, bf16=False, gradient_checkpointing=False, save_strategy="steps", save_steps=SAVE_STEPS,
+            seed=0, bf16=False, **{CHECKPOINTING_FIELD: False}, save_strategy="steps", save_steps=SAVE_STEPS,
             guidance_coef=0.6, guidance_schedule="linear", guidance_decay_steps=6,
         )
         trainer = TGPOTrainer(model=student, reward_funcs=reward, args=args, train_dataset=dataset,

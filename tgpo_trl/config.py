@@ -1,8 +1,17 @@
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from transformers import TrainingArguments
 from trl import GRPOConfig
 
+
+# transformers 5.24 renamed `gradient_checkpointing` to `activation_checkpointing` and warns on the old name, which
+# TRL's GRPOConfig still sets (to True) by default. The name of the switch on the installed version:
+CHECKPOINTING_FIELD = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in fields(TrainingArguments)}
+    else "gradient_checkpointing"
+)
 
 GUIDANCE_MODES = ("tgpo", "tgpo_sample", "tgpo_topk", "rkl_topk", "rkl_k3", "kdrl", "opd", "none")
 GUIDANCE_SCHEDULES = ("linear", "constant")
@@ -59,6 +68,19 @@ class TGPOConfig(GRPOConfig):
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
 
+    if CHECKPOINTING_FIELD == "activation_checkpointing":
+        # GRPO's default (on) under the new name, so that a config that never mentions checkpointing raises no
+        # deprecation warning; `None` in both fields means "unset", so an explicit old-name value is still honoured.
+        activation_checkpointing: bool | None = field(
+            default=None,
+            metadata={"help": "Activation (gradient) checkpointing: trade compute for memory. Defaults to True, as in "
+                      "GRPO.", "nargs": "?", "const": True},
+        )
+        gradient_checkpointing: bool | None = field(
+            default=None,
+            metadata={"help": "Deprecated alias of `activation_checkpointing`.", "nargs": "?", "const": True},
+        )
+
     teacher_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Hub id or local path of the teacher model. A `teacher_model` object passed to the trainer "
@@ -102,6 +124,9 @@ class TGPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        if (CHECKPOINTING_FIELD == "activation_checkpointing" and self.gradient_checkpointing is None
+                and self.activation_checkpointing is None):
+            self.activation_checkpointing = True  # GRPO's default
         super().__post_init__()
         if self.guidance not in GUIDANCE_MODES:
             raise ValueError(f"`guidance` must be one of {list(GUIDANCE_MODES)}, got {self.guidance!r}.")

@@ -236,6 +236,15 @@ class _GatherRequest:
         self.cursor += rows
         return ids
 
+    def label_logps(self) -> torch.Tensor:
+        """`log p_s(y_t)` `(B, T)` of the whole batch, once the forwards have served all its rows."""
+        if not self.outputs or self.cursor != self.extra_ids.size(0):
+            raise RuntimeError(
+                f"The student's log-probabilities were read after {self.cursor} of {self.extra_ids.size(0)} rows: "
+                "GRPO's loss read the advantages before its student forward had run."
+            )
+        return torch.cat([label_logps for label_logps, _ in self.outputs])
+
     def finish(self):
         if self.outputs:
             label_logps, extra_logps = zip(*self.outputs, strict=True)

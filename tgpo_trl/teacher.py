@@ -63,27 +63,35 @@ def shared_vocab_size(
     teacher_tokenizer: PreTrainedTokenizerBase | None,
 ) -> int:
     """
-    Check that the teacher can score the student's tokens by id and return the number of leading ids both share.
+    Check that the teacher can score, by id, every token the student can emit, and return how many leading ids that is.
 
-    TGPO compares token ids directly, so every token of the student's tokenizer must have the same id in the teacher's.
-    The teacher may know more tokens, or have a larger (padded) embedding: its logits are then restricted to the
-    student's ids, so padding rows and tokens the student cannot emit never become guidance targets.
+    The student can emit only ids that both its tokenizer knows and its output layer has a row for: `min(tokenizer ids,
+    student output rows)`. Loading can make these differ either way: a padded embedding has rows beyond the tokenizer
+    (Qwen2.5-3B: 151,936 rows for 151,665 ids), and under transformers 5 a tokenizer loaded next to a `qwen2` config
+    may gain an `<|endoftext|>` beyond the embedding's rows. Each of those ids must have the same token in the
+    teacher's tokenizer, and the teacher a logit row for it; the teacher may know more tokens or have more (padding)
+    rows: its logits are restricted to the emittable ids, so padding rows and tokens the student cannot emit never
+    become guidance targets.
     """
     student_vocab = student_tokenizer.get_vocab()
-    num_tokens = max(student_vocab.values()) + 1
+    tokenizer_ids = max(student_vocab.values()) + 1
+    student_rows = student.config.get_text_config().vocab_size
+    emittable = min(tokenizer_ids, student_rows)
     if teacher_tokenizer is not None:
         teacher_vocab = teacher_tokenizer.get_vocab()
-        differing = [token for token, index in student_vocab.items() if teacher_vocab.get(token) != index]
+        differing = [
+            token for token, index in student_vocab.items() if index < emittable and teacher_vocab.get(token) != index
+        ]
         if differing:
             examples = ", ".join(
                 f"{token!r}: student id {student_vocab[token]}, teacher id {teacher_vocab.get(token)}"
                 for token in sorted(differing, key=student_vocab.get)[:3]
             )
             raise ValueError(
-                f"The teacher's tokenizer maps tokens differently from the student's: {len(differing)} of "
-                f"{len(student_vocab)} student tokens have another id (or none) in the teacher ({examples}). TGPO "
-                "compares token ids, so the teacher must use the student's tokenizer (a teacher with extra tokens or a "
-                "padded embedding is fine)."
+                f"The teacher's tokenizer maps tokens differently from the student's: {len(differing)} of the "
+                f"{emittable} ids the student can emit stand for another token (or none) in the teacher ({examples}). "
+                "TGPO compares token ids, so the teacher must use the student's tokenizer (a teacher with extra tokens "
+                "or a padded embedding is fine)."
             )
     else:
         logger.warning(
@@ -91,13 +99,13 @@ def shared_vocab_size(
             "`teacher_processing_class` to the trainer to have it checked."
         )
     teacher_rows = teacher.config.get_text_config().vocab_size
-    student_rows = student.config.get_text_config().vocab_size
-    if teacher_rows < num_tokens:
+    if teacher_rows < emittable:
         raise ValueError(
-            f"The teacher's vocabulary ({teacher_rows} ids) is smaller than the student tokenizer's ({num_tokens} ids): "
-            "the teacher cannot score every token the student can produce."
+            f"The teacher's output layer has {teacher_rows} rows, but the student can emit {emittable} ids (its "
+            f"tokenizer has {tokenizer_ids} ids, its output layer {student_rows} rows): the teacher cannot score ids "
+            f"{teacher_rows}..{emittable - 1}."
         )
-    return min(num_tokens, student_rows, teacher_rows)
+    return emittable
 
 
 def prepare_teacher(teacher: PreTrainedModel, vocab_size: int) -> PreTrainedModel:

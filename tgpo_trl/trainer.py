@@ -1,4 +1,6 @@
 import functools
+import os
+import sys
 import textwrap
 from typing import Any
 
@@ -9,12 +11,13 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 from trl import GRPOTrainer
-from trl.models.utils import disable_gradient_checkpointing, prepare_deepspeed
-from trl.trainer.utils import is_async_callable
+from trl.models.utils import prepare_deepspeed
+from trl.trainer.utils import get_comet_experiment_url, get_config_model_id, get_trackio_space_url, is_async_callable
 
 from . import guidance as G
 from .config import TGPOConfig
 from .lm_head import StudentLogProbs
+from .model_card import TeacherSource, generate_tgpo_model_card
 from .teacher import find_teacher_tokenizer, load_teacher, prepare_teacher, score_completions, shared_vocab_size
 
 
@@ -59,6 +62,29 @@ def _name_reward_errors(reward_func, name: str):
             except Exception as exception:
                 raise error(exception) from exception
     return wrapper
+
+
+class _AdvantagesFromLossForward(dict):
+    """
+    The loss inputs of an on-policy `opd` batch. Its per-token advantage needs `log p_old(y_t)`, and on policy those
+    are the loss forward's own `log p_s(y_t)`, detached (the numbers GRPO itself then uses as `old_per_token_logps`).
+    So `advantages` is computed when GRPO reads it, right after that forward, from the log-probs the forward gathered:
+    no second student forward. Reading it before the forward has run is an error, never a silent GRPO-only advantage.
+    """
+
+    def __init__(self, inputs: dict[str, Any], request, advantages_fn):
+        super().__init__(inputs)
+        self._request, self._advantages_fn, self._advantages = request, advantages_fn, None
+
+    def __getitem__(self, key):
+        if key != "advantages":
+            return super().__getitem__(key)
+        if self._advantages is None:
+            self._advantages = self._advantages_fn(self._request.label_logps().detach())
+        return self._advantages
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
 
 
 class TGPOTrainer(GRPOTrainer):
@@ -185,13 +211,10 @@ class TGPOTrainer(GRPOTrainer):
 
         self.guidance = args.guidance
         self.teacher_model = None
+        self.teacher_source = None
         if teacher is None:
             return
-        if self.aux_loss_enabled:
-            raise ValueError(
-                "TGPO gathers the student's log-probabilities with its own fused LM head, which does not return the "
-                "MoE load-balancing loss: set `router_aux_loss_coef=0.0` to train a Mixture-of-Experts student."
-            )
+        self.teacher_source = TeacherSource.of(teacher, teacher_path, args.teacher_model_revision)
         if teacher_processing_class is None:
             teacher_processing_class = find_teacher_tokenizer(
                 teacher, teacher_path, args.teacher_model_revision, args.trust_remote_code
@@ -204,6 +227,44 @@ class TGPOTrainer(GRPOTrainer):
             self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         student = self.model.get_base_model() if is_peft_model(self.model) else self.model
         self._student_logps = StudentLogProbs(student, self.temperature, args.cast_lm_head_to_fp32)
+
+    # ------------------------------------------------------------------ model card
+
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ):
+        """
+        Write `README.md` to `output_dir`: TRL's card (tags, tracking badges, framework versions, citations) that also
+        names the teacher and its revision, the guidance mode and its settings, and the student it started from. A
+        local student or dataset is described, never linked as a Hub repo. `dataset_name` may be a Hub id or a path.
+        """
+        if not self.is_world_process_zero():
+            return
+        tags = {tags} if isinstance(tags, str) else set(tags or ())
+        tags.update(self._tag_names)
+        if hasattr(self.model.config, "unsloth_version"):
+            tags.add("unsloth")
+        if "JOB_ID" in os.environ:
+            tags.add("hf_jobs")
+        trackio_url = get_trackio_space_url()
+        if trackio_url is not None:  # one trackio tag, with this run's URL
+            tags = {tag for tag in tags if not tag.startswith("trackio:")} | {f"trackio:{trackio_url}"}
+        wandb_run = getattr(sys.modules.get("wandb"), "run", None)  # a W&B run exists only if wandb was imported
+        card = generate_tgpo_model_card(
+            args=self.args,
+            teacher=self.teacher_source,
+            student_name=get_config_model_id(self.model.config) or None,
+            model_name=model_name,
+            hub_model_id=self.hub_model_id,
+            dataset_name=dataset_name,
+            tags=sorted(tags),
+            paper=self._paper,
+            trainer_name=self._name,
+            wandb_url=wandb_run.url if wandb_run is not None else None,
+            trackio_url=trackio_url,
+            comet_url=get_comet_experiment_url(),
+        )
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
     # ------------------------------------------------------------------ schedule
 
@@ -242,8 +303,10 @@ class TGPOTrainer(GRPOTrainer):
         self._check_teacher_output(scores.valid, self._loss_mask(output), mode)
         output.update(scores.as_dict())
 
-        if self.guidance == "opd":
-            output["advantages"] = self._opd_advantages(output)
+        if self.guidance == "opd" and output.get("old_per_token_logps") is not None:
+            output["advantages"] = self._opd_advantages(output, output["old_per_token_logps"])
+        elif self.guidance == "opd":
+            pass  # on policy, `log p_old` is the loss forward's own `log p_s`: see `_AdvantagesFromLossForward`
         elif not self.args.use_task_reward:
             output["advantages"] = torch.zeros_like(output["advantages"])
         return output
@@ -294,28 +357,13 @@ class TGPOTrainer(GRPOTrainer):
                 "in `guidance/skipped_tokens`."
             )
 
-    def _opd_advantages(self, output: dict[str, Any]) -> torch.Tensor:
+    def _opd_advantages(self, output: dict[str, Any], old_logps: torch.Tensor) -> torch.Tensor:
         """Per-token RKL advantage from the rollout policy's log-probs, plus the GRPO advantage with a task reward."""
-        old_logps = output.get("old_per_token_logps")
-        if old_logps is None:  # GRPO skips them when the rollout policy is the current one: compute them once here
-            old_logps = self._rollout_logps(output)
         advantages = G.opd_advantages(output["teacher_logps"], old_logps, self.guidance_coef)
         advantages = advantages * output["teacher_valid"]
         if self.args.use_task_reward:
             advantages = advantages + output["advantages"].unsqueeze(1)
         return advantages
-
-    @torch.no_grad()
-    def _rollout_logps(self, output: dict[str, Any]) -> torch.Tensor:
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            logps, _, _ = self._get_per_token_logps_and_entropies(
-                self.model,
-                torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1),
-                torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1),
-                output["completion_ids"].size(1),
-                batch_size=self._forward_batch_size,
-            )
-        return logps
 
     # ------------------------------------------------------------------ loss
 
@@ -328,6 +376,8 @@ class TGPOTrainer(GRPOTrainer):
         if extra_ids.dim() == 2:
             extra_ids = extra_ids.unsqueeze(-1)
         with self._student_logps.gather(extra_ids) as gathered:
+            if self.guidance == "opd" and inputs.get("old_per_token_logps") is None:
+                inputs = _AdvantagesFromLossForward(inputs, gathered, functools.partial(self._opd_advantages, inputs))
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         student_logps, student_extra_logps = gathered.result
 

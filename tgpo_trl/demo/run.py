@@ -16,7 +16,7 @@ import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..config import TGPOConfig
+from ..config import CHECKPOINTING_FIELD, TGPOConfig
 from ..trainer import TGPOTrainer
 from .build import SIZES, build_demo_models
 from .evaluate import GreedyEvaluation, greedy_evaluation
@@ -59,7 +59,7 @@ def demo_defaults(size: str = "full") -> dict[str, Any]:
         "logging_steps": max(1, steps // 10),
         "save_strategy": "no",
         "report_to": "none",
-        "gradient_checkpointing": False,
+        CHECKPOINTING_FIELD: False,
         "bf16": False,  # tiny float32 models; GRPOConfig's bf16 default fails on a CPU
         "use_cpu": not torch.cuda.is_available(),
         "seed": 0,
