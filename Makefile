@@ -11,4 +11,4 @@ demo:
 	accelerate launch scripts/train.py
 
 quality:
-	python -m ruff check tgpo_trl scripts tests
+	python -m ruff check tgpo_trl scripts benchmarks tests

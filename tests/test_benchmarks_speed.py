@@ -1,13 +1,12 @@
-"""`scripts/benchmark_speed.py`: its quick mode runs and writes results of the right shape (not the numbers)."""
+"""`benchmarks/speed.py`: its quick mode runs and writes results of the right shape (not the numbers)."""
 
-import conftest
 import json
 from pathlib import Path
 
+import conftest
 import pytest
 
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark_speed.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
 TIMED = {"grpo", "tgpo", "tgpo_topk", "tgpo_none", "distillation", "teacher_forward", "teacher_forward_topk"}
 METHODS = {"grpo", "tgpo", "tgpo_topk", "distillation"}
 CHECKS = {"tgpo_overhead", "tgpo_vs_distillation", "tgpo_topk_overhead", "tgpo_topk_vs_distillation"}
@@ -75,7 +74,7 @@ def test_checks_compare_medians_with_the_targets():
     settings = bench.Settings(batch=2, completion_length=4, vocab=1000)
 
     def summary(*values):
-        return bench.summary(list(values))
+        return bench.common.summary(list(values))
 
     times = {
         "grpo": summary(1.0, 1.0), "tgpo": summary(1.5, 1.5), "tgpo_topk": summary(2.0, 2.0),

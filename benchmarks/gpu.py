@@ -1,10 +1,10 @@
 """bf16 step time, tokens per second and peak GPU memory of TGPO against GRPO and TRL's `DistillationTrainer`, for a
 Qwen2.5-1.5B-shaped student and a Qwen2.5-7B-shaped teacher from random weights (GitHub issue 5, GPU figures).
 
-    python scripts/benchmark_gpu.py            # on a CUDA machine (~5 minutes on one H100): docs/benchmarks/gpu.{json,md}
-    python scripts/benchmark_gpu.py --quick    # tiny shapes, on CPU if there is no GPU: checks the script, not numbers
+    python benchmarks/gpu.py            # on a CUDA machine (~5 minutes on one H100): docs/benchmarks/gpu.{json,md}
+    python benchmarks/gpu.py --quick    # tiny shapes, on CPU if there is no GPU: checks the script, not numbers
 
-What is timed is what `scripts/benchmark_speed.py` times (one optimizer step between the `Trainer` callbacks
+What is timed is what `benchmarks/speed.py` times (one optimizer step between the `Trainer` callbacks
 `on_step_begin` and `on_step_end`, fixed rollouts instead of generation, so every method trains on the same token ids),
 with the GPU synchronized at both ends. The configurations run one after another, not alternated: each holds its own
 student and optimizer state, and one 7B-shaped teacher (shared by the teacher-using ones) already takes 15 GB. GRPO
@@ -12,45 +12,38 @@ runs first, before the teacher is built. Peak memory is `torch.cuda.max_memory_a
 reset at `on_step_begin`, and includes everything resident: weights, gradients, optimizer state and the teacher.
 """
 
-import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks`, `tgpo_trl`
+# first: it sets the offline environment before transformers and TRL load
+from benchmarks import common
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchmark_speed as speed  # noqa: E402  (sets the offline environment variables before torch and TRL load)
+# isort: split
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-import trl  # noqa: E402
-from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
-
-
-
-REPO = speed.REPO
-METHODS = speed.METHODS
-PROBES = speed.PROBES
+METHODS = common.METHODS
+PROBES = common.PROBES
 # Public Qwen2.5 configurations (config.json of Qwen/Qwen2.5-1.5B and Qwen/Qwen2.5-7B), less the vocabulary: both models
 # get `Settings.vocab` rows, because TRL's DistillationTrainer refuses a teacher whose vocab_size differs from the
 # student's (the real 7B has 152,064 rows against the 1.5B's 151,936; TGPO itself accepts that).
 SHAPES = {
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, tie_word_embeddings=False),
-    "tiny-student": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, tie_word_embeddings=True),
-    "tiny-teacher": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, tie_word_embeddings=False),
+    "qwen2.5-1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                     "num_attention_heads": 12, "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "qwen2.5-7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False},
+    "tiny-student": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True},
+    "tiny-teacher": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False},
 }
 
 
@@ -84,7 +77,7 @@ def qwen2(shape: str, settings: Settings, device: torch.device, dtype: torch.dty
     return model.eval()
 
 
-class CudaStepRecorder(speed.StepRecorder):
+class CudaStepRecorder(common.StepRecorder):
     """Step wall time with the device synchronized at both ends, and the step's peak allocated device memory."""
 
     def __init__(self, device: torch.device):
@@ -93,47 +86,47 @@ class CudaStepRecorder(speed.StepRecorder):
         self.allocated_before = []
 
     def on_step_begin(self, args, state, control, **kwargs):
-        speed.synchronize(self.device)
+        common.synchronize(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.allocated_before.append(torch.cuda.memory_allocated(self.device))
         super().on_step_begin(args, state, control, **kwargs)
 
     def on_step_end(self, args, state, control, **kwargs):
-        speed.synchronize(self.device)
+        common.synchronize(self.device)
         super().on_step_end(args, state, control, **kwargs)
         if self.device.type == "cuda":
             self.peaks.append(torch.cuda.max_memory_allocated(self.device))
 
 
-def build_trainer(method: str, setup: speed.Setup, student, teacher, output_dir: str, device: torch.device):
-    """`benchmark_speed.build_trainer` with these models, bf16 on a GPU, and `Settings.gradient_checkpointing`."""
+def build_trainer(method: str, setup: common.Setup, student, teacher, output_dir: str, device: torch.device):
+    """`common.build_trainer` with these models, bf16 on a GPU, and `Settings.gradient_checkpointing`."""
     bf16 = device.type == "cuda"
-    return speed.build_trainer(method, setup, output_dir, student=student, teacher=teacher, use_cpu=not bf16,
-                               bf16=bf16, gradient_checkpointing=bool(setup.settings.gradient_checkpointing))
+    return common.build_trainer(method, setup, output_dir, student=student, teacher=teacher, use_cpu=not bf16,
+                               bf16=bf16, **{common.CHECKPOINTING_FIELD: bool(setup.settings.gradient_checkpointing)})
 
 
 def measure(settings: Settings, device: torch.device, log) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    setup = speed.Setup(settings)
+    setup = common.Setup(settings)
     results = {"methods": {}, "probes": {}, "errors": {}}
     teacher = None  # built after the GRPO run, so that GRPO's peak holds no teacher
     with tempfile.TemporaryDirectory() as output_dir:
         for method in METHODS:
             if method != "grpo" and teacher is None:
                 teacher = qwen2(settings.teacher, settings, device, dtype, seed=1).requires_grad_(False)
-                results["teacher_weight_bytes"] = speed.parameter_bytes(teacher)
+                results["teacher_weight_bytes"] = common.parameter_bytes(teacher)
             student = qwen2(settings.student, settings, device, dtype, seed=0)
-            results.setdefault("student_weight_bytes", speed.parameter_bytes(student))
+            results.setdefault("student_weight_bytes", common.parameter_bytes(student))
             trainer = recorder = None
             try:
                 trainer = build_trainer(method, setup, student, teacher, os.path.join(output_dir, method), device)
                 recorder = CudaStepRecorder(device)
                 trainer.add_callback(recorder)
-                speed.run_steps(trainer, recorder, settings.warmup_steps)
+                common.run_steps(trainer, recorder, settings.warmup_steps)
                 del recorder.times[:], recorder.peaks[:], recorder.allocated_before[:]
-                speed.run_steps(trainer, recorder, settings.steps)
-                entry = speed.summary(recorder.times)
+                common.run_steps(trainer, recorder, settings.steps)
+                entry = common.summary(recorder.times)
                 tokens = settings.batch * (settings.prompt_length + settings.completion_length)
                 entry["tokens_per_second"] = tokens / entry["median"]
                 if recorder.peaks:
@@ -144,11 +137,11 @@ def measure(settings: Settings, device: torch.device, log) -> dict:
                     + (f", peak {entry['peak_allocated_bytes'] / 2**30:.1f} GiB" if recorder.peaks else ""))
                 for probe, owner in PROBES.items():
                     if owner == method:
-                        speed.time_teacher_forward(trainer, setup, 1)  # warm-up
-                        results["probes"][probe] = speed.summary(
-                            speed.time_teacher_forward(trainer, setup, settings.steps))
+                        common.time_teacher_forward(trainer, setup, 1)  # warm-up
+                        results["probes"][probe] = common.summary(
+                            common.time_teacher_forward(trainer, setup, settings.steps))
                         log(f"  {probe}: {results['probes'][probe]['median'] * 1e3:,.0f} ms")
-            except Exception as exception:  # e.g. out of memory: a result to report, not a reason to lose the others
+            except Exception as exception:  # noqa: BLE001  (e.g. out of memory: a result, not a reason to lose the rest)
                 results["errors"][method] = f"{type(exception).__name__}: {str(exception)[:500]}"
                 log(f"  {method}: FAILED {results['errors'][method]}")
             del trainer, recorder, student
@@ -161,31 +154,26 @@ def measure(settings: Settings, device: torch.device, log) -> dict:
 def analyse(settings: Settings, measured: dict) -> dict:
     """The issue's ratios, on this device: overhead over the teacher forward, against distillation, extra memory."""
     methods, probes, checks = measured["methods"], measured["probes"], {}
-    tensor_bytes = speed.logits_tensor_bytes(settings)
-    for method, probe in (("tgpo", "teacher_forward"), ("tgpo_topk", "teacher_forward_topk")):
+    for probe, method in PROBES.items():
         if method not in methods or "grpo" not in methods or probe not in probes:
             continue
         ratio = (methods[method]["median"] - methods["grpo"]["median"]) / probes[probe]["median"]
-        checks[f"{method}_overhead"] = {"value": ratio, "target": speed.OVERHEAD_TARGET,
-                                        "pass": ratio <= speed.OVERHEAD_TARGET}
+        checks[f"{method}_overhead"] = {"value": ratio, "target": common.OVERHEAD_TARGET,
+                                        "pass": ratio <= common.OVERHEAD_TARGET}
         if "distillation" in methods:
             ratio = methods[method]["median"] / methods["distillation"]["median"]
-            checks[f"{method}_vs_distillation"] = {"value": ratio, "target": speed.DISTILLATION_TARGET,
-                                                   "pass": ratio <= speed.DISTILLATION_TARGET}
+            checks[f"{method}_vs_distillation"] = {"value": ratio, "target": common.DISTILLATION_TARGET,
+                                                   "pass": ratio <= common.DISTILLATION_TARGET}
         if "peak_allocated_bytes" in methods[method]:
             extra = methods[method]["peak_allocated_bytes"] - methods["grpo"]["peak_allocated_bytes"]
-            budget = measured["teacher_weight_bytes"] + speed.MEMORY_FRACTION * tensor_bytes
+            budget = common.memory_budget(measured["teacher_weight_bytes"], settings)
             checks[f"{method}_memory"] = {"extra_peak_bytes": extra, "budget_bytes": budget, "value": extra / budget,
                                           "target": 1.0, "pass": extra <= budget}
     return checks
 
 
 def environment(device: torch.device) -> dict:
-    env = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "trl": trl.__version__, "device": str(device), "dtype": "bfloat16" if device.type == "cuda" else "float32",
-    }
+    env = common.environment(device=str(device), dtype="bfloat16" if device.type == "cuda" else "float32")
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         env.update(gpu=properties.name, gpu_memory_bytes=properties.total_memory, cuda=torch.version.cuda)
@@ -202,7 +190,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# GPU figures: a TGPO step against GRPO and TRL's DistillationTrainer, {s.student} student, {s.teacher} teacher",
         "",
-        f"Generated by `python scripts/benchmark_gpu.py` on {env['date']} ({where}; torch {env['torch']}, "
+        f"Generated by `python benchmarks/gpu.py` on {env['date']} ({where}; torch {env['torch']}, "
         f"transformers {env['transformers']}, TRL {env['trl']}). Measurements in `gpu.json` next to this file."
         + (" **Quick mode: tiny shapes, the numbers mean nothing.**" if result["quick"] else ""),
         "",
@@ -212,13 +200,13 @@ def markdown(result: dict) -> str:
         f"{gib(measured['teacher_weight_bytes'])}; both held in {env['dtype']}"
         + (", training under bf16 autocast" if env["dtype"] == "bfloat16" else "")
         + f", AdamW (states in the weights' dtype), gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}.",
-        f"- {s.batch} sequences per optimizer step ({s.batch // s.num_generations} prompts x {s.num_generations} "
+        (f"- {s.batch} sequences per optimizer step ({s.batch // s.num_generations} prompts x {s.num_generations} "
         f"completions; distillation: {s.batch} prompts x 1), prompt {s.prompt_length} + completion "
         f"{s.completion_length} tokens (fixed ids, no generation): {s.batch * (s.prompt_length + s.completion_length):,}"
-        " tokens per step. Each configuration runs its own student; the teacher is one shared model.",
-        f"- Medians of {s.steps} steps after {s.warmup_steps} warm-up steps, configurations run one after another. "
+        " tokens per step. Each configuration runs its own student; the teacher is one shared model."),
+        (f"- Medians of {s.steps} steps after {s.warmup_steps} warm-up steps, configurations run one after another. "
         "Peak: `torch.cuda.max_memory_allocated` during the step, which counts the weights, gradients, optimizer "
-        "state and (for TGPO and distillation) the teacher; GRPO runs first, before the teacher exists.",
+        "state and (for TGPO and distillation) the teacher; GRPO runs first, before the teacher exists."),
         "",
         "| Configuration | Step (median) | min-max | Tokens/s | Peak allocated | Allocated before the step |",
         "|---|---|---|---|---|---|",
@@ -251,12 +239,12 @@ def markdown(result: dict) -> str:
             "",
             "What the numbers say:",
             "",
-            f"- A TGPO step less its teacher forward takes {rest * 1e3:,.0f} ms, against {methods['grpo']['median'] * 1e3:,.0f}"
+            (f"- A TGPO step less its teacher forward takes {rest * 1e3:,.0f} ms, against {methods['grpo']['median'] * 1e3:,.0f}"
             " ms for the GRPO step: the student's side of TGPO is GRPO's own (TRL's fused Triton head, unchanged) plus "
-            "two gathered logits per position (1 + K for `tgpo_topk`) and a few `(B, T)` operations. What TGPO adds is the teacher forward.",
-            "- `DistillationTrainer` runs the same teacher forward and a student forward and backward of the same size, "
+            "two gathered logits per position (1 + K for `tgpo_topk`) and a few `(B, T)` operations. What TGPO adds is the teacher forward."),
+            ("- `DistillationTrainer` runs the same teacher forward and a student forward and backward of the same size, "
             "so parity with it is the expected result: a TGPO step can only be faster if its teacher forward is. Both "
-            "are dominated by the 7B-shaped backbone (about 2.7e14 FLOPs per step for the teacher alone).",
+            "are dominated by the 7B-shaped backbone (about 2.7e14 FLOPs per step for the teacher alone)."),
         ]
         if "tgpo_memory" in result["checks"]:
             check = result["checks"]["tgpo_memory"]
@@ -266,61 +254,46 @@ def markdown(result: dict) -> str:
                 f"{gib(check['budget_bytes'])}."
             )
         lines += [
-            "- History: TGPO's first student head was its own tiled kernel in torch ops, with fp32 matmuls in its "
+            ("- History: TGPO's first student head was its own tiled kernel in torch ops, with fp32 matmuls in its "
             "backward. On an H100 (these shapes) it made a TGPO step 1,640 ms (overhead ratio 1.65, 1.30x the distillation step); "
             "reading the extra columns off TRL's head instead brought it to the figures above. An earlier run of the "
             "new head, the same session, before a change to the teacher's scoring (log-sum-exp instead of a written "
             "log-softmax): TGPO 1,257 ms, distillation 1,261 ms (ratio 0.997), `tgpo_topk` 1.047x; GRPO 657 ms, "
-            "teacher forward 599 ms. The two runs bracket the run-to-run spread of the distillation ratio.",
+            "teacher forward 599 ms. The two runs bracket the run-to-run spread of the distillation ratio."),
         ]
     lines.append("")
     return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (runs on CPU too): checks the script")
-    parser.add_argument("--out-dir", default=str(REPO / "docs" / "benchmarks"), help="where gpu.json and gpu.md go")
-    parser.add_argument("--render", metavar="JSON", help="measure nothing: rewrite gpu.json's checks and gpu.md in "
-                        "--out-dir from the measurements of an earlier gpu.json")
-    for name, value in asdict(Settings()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None, help=f"default {value}")
+    parser = common.report_parser(__doc__, "gpu", "tiny shapes (runs on CPU too): checks the script")
+    common.add_settings_arguments(parser, Settings())
     args = parser.parse_args(argv)
     if args.render:
-        result = json.loads(Path(args.render).read_text())
-        return write_results(result, Path(args.out_dir), print)
-    settings = QUICK if args.quick else Settings()
-    settings = replace(settings, **{n: getattr(args, n) for n in asdict(settings) if getattr(args, n) is not None})
+        return write_results(json.loads(Path(args.render).read_text()), Path(args.out_dir))
+    settings = common.settings_from_args(parser, args, QUICK if args.quick else Settings())
     for field in ("student", "teacher"):
         if getattr(settings, field) not in SHAPES:
             parser.error(f"--{field} must be one of {', '.join(SHAPES)}")
-    if settings.batch % settings.num_generations:
-        parser.error("--batch must be a multiple of --num-generations")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.quick:
         parser.error("no CUDA device: the full benchmark needs a GPU (use --quick to check the script on CPU)")
-
-    def log(message):
-        print(message, flush=True)
-
+    log = common.log
     log(f"Settings: {settings}\nDevice: {device}")
     start = time.perf_counter()
     measured = measure(settings, device, log)
     result = {"quick": args.quick, "settings": asdict(settings), "environment": environment(device),
               "measured": measured, "wall_time_s": time.perf_counter() - start}
-    return write_results(result, Path(args.out_dir), log)
+    return write_results(result, Path(args.out_dir))
 
 
-def write_results(result: dict, out_dir: Path, log) -> dict:
+def write_results(result: dict, out_dir: Path) -> dict:
     """Derive the checks from the measurements, write gpu.json and gpu.md, print the ratios."""
     result["checks"] = analyse(Settings(**result["settings"]), result["measured"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "gpu.md").write_text(markdown(result))
+    wrote = common.write_report(out_dir, "gpu", result, markdown(result))
     for name, check in result["checks"].items():
-        log(f"  {name}: {check['value']:.3f} (target <= {check['target']}): {'pass' if check['pass'] else 'FAIL'}")
-    log(f"Wrote {out_dir / 'gpu.json'} and {out_dir / 'gpu.md'} ({result['wall_time_s']:.0f} s of measurement)")
+        common.log(common.check_line(name, check))
+    common.log(wrote)
     return result
 
 

@@ -1,15 +1,14 @@
-"""`scripts/benchmark.py`: its quick mode runs every method in both regimes and writes outputs of the right shape
+"""`benchmarks/methods.py`: its quick mode runs every method in both regimes and writes outputs of the right shape
 (not the numbers), and resumes from the per-run results it finds."""
 
-import conftest
 import json
 import math
 from pathlib import Path
 
+import conftest
 import pytest
 
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "methods.py"
 REGIMES = {"large_gap", "small_gap"}
 METHODS = {"grpo", "opd", "kdrl", "tgpo", "tgpo_topk", "tgpo_sample"}
 
@@ -81,7 +80,7 @@ def test_table_and_plots_are_written(quick_run):
 def test_per_run_records_hold_curves(quick_run):
     results_dir, _, _ = quick_run
     record = json.loads((results_dir / "large_gap" / "tgpo" / "seed0.json").read_text())
-    assert [e["step"] for e in record["evaluations"]][0] == 0
+    assert record["evaluations"][0]["step"] == 0
     assert record["evaluations"][-1]["step"] == record["settings"]["steps"]
     assert len(record["logs"]) == record["settings"]["steps"]
     for key in ("completions/mean_length", "gap/reverse_kl", "gap/mismatch_ratio", "guidance/coef"):

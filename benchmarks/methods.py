@@ -1,9 +1,9 @@
 """TGPO against its baselines on the offline demo task, in two regimes (GitHub issue 5, part 1).
 
-    python scripts/benchmark.py              # the full benchmark (~40 minutes on 2 CPU cores): docs/benchmarks/methods.*
-    python scripts/benchmark.py --quick      # a reduced run (~1-2 minutes) that checks the script, not the numbers
-    python scripts/benchmark.py --aggregate  # rebuild the JSON, table and plots from the per-run results only
-    python scripts/benchmark.py --help       # every setting
+    python benchmarks/methods.py              # the full benchmark (~40 minutes on 2 CPU cores): docs/benchmarks/methods.*
+    python benchmarks/methods.py --quick      # a reduced run (~1-2 minutes) that checks the script, not the numbers
+    python benchmarks/methods.py --aggregate  # rebuild the JSON, table and plots from the per-run results only
+    python benchmarks/methods.py --help       # every setting
 
 Regimes (models from `tgpo_trl.demo.build`, task: the sum of three two-digit numbers):
 - `large_gap`: the small-gap student's twin (same size, seed and steps) that solves the problems the teacher's way
@@ -29,22 +29,17 @@ import json
 import math
 import multiprocessing
 import os
-import statistics
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: every run trains at one thread
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks`, `tgpo_trl`
+# first: it sets the offline environment before transformers and TRL load
+from benchmarks import common
 
 REGIMES = ("large_gap", "small_gap")
 METHODS = ("grpo", "opd", "kdrl", "tgpo", "tgpo_topk", "tgpo_sample")
@@ -105,7 +100,12 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
     import torch
 
     torch.set_num_threads(1)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        PrinterCallback,
+        TrainerCallback,
+    )
     from transformers.utils import logging as hf_logging
 
     from tgpo_trl import TGPOConfig, TGPOTrainer
@@ -175,7 +175,7 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
     error = None
     try:
         trainer.train()
-    except Exception as exception:  # a diverged run is a result, not a crash of the benchmark
+    except Exception as exception:  # noqa: BLE001  (a diverged run is a result, not a crash of the benchmark)
         error = f"{type(exception).__name__}: {exception}"
     seconds = time.perf_counter() - started
     shutil.rmtree(args.output_dir, ignore_errors=True)
@@ -220,19 +220,6 @@ def load_records(results_dir: Path, regimes, methods, seeds) -> dict:
     return records
 
 
-def _stats(values: list[float]) -> dict:
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return {"mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
-    return {
-        "mean": statistics.fmean(finite),
-        "std": statistics.stdev(finite) if len(finite) > 1 else 0.0,
-        "min": min(finite),
-        "max": max(finite),
-        "n": len(finite),
-    }
-
-
 def step0_gap(records: dict, regime: str) -> dict:
     """The gap at step 0: the first logged step's `gap/*` (measured on the initial student's own rollouts, before its
     first update), averaged over every run of the regime."""
@@ -240,7 +227,7 @@ def step0_gap(records: dict, regime: str) -> dict:
     for key in ("gap/reverse_kl", "gap/mismatch_ratio"):
         values = [r["logs"][0][key] for (reg, _, _), r in records.items() if reg == regime and r["logs"]
                   and key in r["logs"][0]]
-        out[key] = _stats(values)
+        out[key] = common.mean_std(values)
     return out
 
 
@@ -330,12 +317,12 @@ def write_outputs(records, regimes, methods, seeds, settings, out_dir: Path, wal
         "wall_seconds": None if wall_seconds is None else round(wall_seconds, 1),
         "demo_build": _demo_build(settings["demo_size"]),
         "step0_gap": {regime: step0_gap(records, regime) for regime in regimes},
-        "initial_accuracy": {regime: _stats([r["initial_accuracy"] for k, r in records.items() if k[0] == regime])
+        "initial_accuracy": {regime: common.mean_std([r["initial_accuracy"] for k, r in records.items() if k[0] == regime])
                              for regime in regimes},
-        "final_stats": {regime: {m: _stats(v) for m, v in summary[regime].items()} for regime in regimes},
+        "final_stats": {regime: {m: common.mean_std(v) for m, v in summary[regime].items()} for regime in regimes},
     }
     result = {**summary, "meta": meta}
-    (out_dir / "methods.json").write_text(json.dumps(result, indent=2) + "\n")
+    common.write_json(out_dir / "methods.json", result)
     pngs = plot(records, regimes, methods, seeds, out_dir) if do_plot and records else []
     md_path = out_dir / "methods.md"
     # The hand-written interpretation below the marker survives a regeneration
@@ -358,29 +345,29 @@ def render_markdown(result, regimes, methods, pngs, records, seeds) -> str:
     lines = [
         "# TGPO against its baselines on the demo task",
         "",
-        "Generated by `python scripts/benchmark.py` (do not edit the generated sections by hand; the interpretation "
-        "is appended below them).",
+        ("Generated by `python benchmarks/methods.py` (do not edit the generated sections by hand; the interpretation "
+        "is appended below them)."),
         "",
         "## Settings",
         "",
-        f"- Task: {meta['task']}; {s['eval_size']} held-out problems, greedy decoding, max {s['max_completion_length']}"
-        " new tokens.",
-        f"- Every method: {s['steps']} optimizer steps, {s['prompts_per_step']} prompts x {s['num_generations']} "
+        (f"- Task: {meta['task']}; {s['eval_size']} held-out problems, greedy decoding, max {s['max_completion_length']}"
+        " new tokens."),
+        (f"- Every method: {s['steps']} optimizer steps, {s['prompts_per_step']} prompts x {s['num_generations']} "
         f"rollouts per step, lr {s['learning_rate']} (constant), loss_type `{s['loss_type']}`, temperature "
-        f"{s['temperature']}, reward `{s['reward']}` (1 correct, 0 wrong, -1 unparseable), seeds {meta['seeds']}.",
+        f"{s['temperature']}, reward `{s['reward']}` (1 correct, 0 wrong, -1 unparseable), seeds {meta['seeds']}."),
         f"- Guided methods (`kdrl`, `tgpo`, `tgpo_topk`, `tgpo_sample`): lambda_0 = {s['guidance_coef']}, "
         + (f"linear to 0 at D = {meta['guidance_decay_steps']} steps"
            if s["guidance_schedule"] == "linear" else "constant")
         + f"; top-k = {s['guidance_top_k']}.",
         f"- `opd`: advantage `log p_T - log p_old`, coefficient {s['opd_coef']} (constant), no task reward.",
         "- `grpo`: no guidance (the teacher only scores, for the gap metrics).",
-        f"- {meta['runs']} runs, 1 torch thread each, {meta['parallel_runs']} in parallel; wall time "
-        f"{meta['wall_seconds']} s (sum of run times {meta['run_seconds_total']} s).",
+        (f"- {meta['runs']} runs, 1 torch thread each, {meta['parallel_runs']} in parallel; wall time "
+        f"{meta['wall_seconds']} s (sum of run times {meta['run_seconds_total']} s)."),
         "",
         "## Gap at step 0",
         "",
-        "Measured by the trainer at the first step, on the initial student's own rollouts (mean over all runs of the "
-        "regime):",
+        ("Measured by the trainer at the first step, on the initial student's own rollouts (mean over all runs of the "
+        "regime):"),
         "",
         "| regime | gap/reverse_kl | gap/mismatch_ratio | initial held-out accuracy |",
         "|---|---|---|---|",
@@ -432,7 +419,7 @@ def render_markdown(result, regimes, methods, pngs, records, seeds) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = common.argument_parser(__doc__, argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced run on the quick demo models (tests)")
     p.add_argument("--aggregate", action="store_true", help="only rebuild the outputs from existing per-run results")
     p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
@@ -471,8 +458,8 @@ def main(argv=None) -> dict:
         value = getattr(a, key)
         if value is not None:
             settings[key] = value
-    results_dir = Path(a.results_dir or REPO / ("outputs/benchmark-quick" if a.quick else "outputs/benchmark"))
-    out_dir = Path(a.out_dir or REPO / "docs/benchmarks")
+    results_dir = Path(a.results_dir or common.REPO / ("outputs/benchmark-quick" if a.quick else "outputs/benchmark"))
+    out_dir = Path(a.out_dir or common.DOCS)
     seeds = settings["seeds"]
 
     # Settings are part of a run's identity: a results dir holding runs made with other settings is refused

@@ -1,4 +1,4 @@
-"""`scripts/benchmark_gpu.py`: its quick mode runs on the CPU and writes results of the right shape (not the numbers)."""
+"""`benchmarks/gpu.py`: its quick mode runs on the CPU and writes results of the right shape (not the numbers)."""
 
 import json
 from pathlib import Path
@@ -6,8 +6,7 @@ from pathlib import Path
 import conftest
 import pytest
 
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark_gpu.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
 METHODS = {"grpo", "tgpo", "tgpo_topk", "distillation"}
 
 

@@ -1,6 +1,6 @@
 """How good is the demo teacher's target on the student's own prefixes? (the diagnosis in docs/benchmarks/methods.md)
 
-    python scripts/teacher_on_prefixes.py [--size full|quick] [--problems 200] [--temperature 0.7] [--out ...json]
+    python benchmarks/teacher_on_prefixes.py [--size full|quick] [--problems 200] [--temperature 0.7] [--out ...json]
 
 For each demo student: sample one rollout per held-out problem (at the benchmark's temperature), cut it after 0, 25,
 50 and 75% of its tokens, let the teacher finish greedily, and score the answers. TGPO's guidance is the teacher's
@@ -15,20 +15,18 @@ import os
 
 import torch
 
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tgpo_trl.demo.build import build_demo_models  # noqa: E402
-from tgpo_trl.demo.evaluate import (  # noqa: E402
+from tgpo_trl.demo.build import build_demo_models
+from tgpo_trl.demo.evaluate import (
     accuracy_from_prefixes,
     encode_prompts,
     exact_match_accuracy,
     generate_completions,
 )
-from tgpo_trl.demo.task import MAX_COMPLETION_LENGTH, build_dataset  # noqa: E402
-
+from tgpo_trl.demo.task import MAX_COMPLETION_LENGTH, build_dataset
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75)
 
