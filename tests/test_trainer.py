@@ -173,7 +173,9 @@ def test_teacher_loaded_from_path_with_its_tokenizer(tmp_path, student, teacher,
     assert math.isfinite(train_logs(trainer)[0]["guidance/loss"])
 
 
-def test_differently_mapped_teacher_tokenizer_is_refused(tmp_path, student, teacher, tokenizer, dataset):
+def test_differently_mapped_teacher_tokenizer_turns_on_cross_tokenizer_scoring(
+    tmp_path, student, teacher, tokenizer, dataset
+):
     from tgpo_trl.demo.tokenizer import CHARACTERS, build_char_tokenizer
 
     shifted = build_char_tokenizer(CHARACTERS + ["~"])  # '~' sorts after every other character: no id moves
@@ -181,12 +183,14 @@ def test_differently_mapped_teacher_tokenizer_is_refused(tmp_path, student, teac
     teacher.save_pretrained(tmp_path / "teacher")
     reordered.save_pretrained(tmp_path / "teacher")
     args = make_config(tmp_path, teacher_model_name_or_path=str(tmp_path / "teacher"))
-    with pytest.raises(ValueError, match="maps tokens differently"):
-        TGPOTrainer(model=student, reward_funcs=length_reward, args=args, train_dataset=dataset,
-                    processing_class=tokenizer)
-    # a teacher tokenizer that only adds tokens is accepted
-    TGPOTrainer(model=student, reward_funcs=length_reward, args=make_config(tmp_path), train_dataset=dataset,
-                processing_class=tokenizer, teacher_model=teacher, teacher_processing_class=shifted)
+    trainer = TGPOTrainer(model=student, reward_funcs=length_reward, args=args, train_dataset=dataset,
+                          processing_class=tokenizer)
+    assert trainer.teacher_scoring.cross_tokenizer
+    assert trainer.teacher_vocab_size == len(reordered)  # the teacher scores its own ids, not its padding rows
+    # a teacher tokenizer that only adds tokens keeps the shared-vocabulary path
+    shared = TGPOTrainer(model=student, reward_funcs=length_reward, args=make_config(tmp_path), train_dataset=dataset,
+                         processing_class=tokenizer, teacher_model=teacher, teacher_processing_class=shifted)
+    assert not shared.teacher_scoring.cross_tokenizer
 
 
 def test_teacher_path_that_does_not_exist(tmp_path, student, tokenizer, dataset):

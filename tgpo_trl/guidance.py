@@ -28,31 +28,43 @@ def tgpo_sample(student_logps_teacher_sample: torch.Tensor) -> torch.Tensor:
     return -student_logps_teacher_sample
 
 
-def _renormalize(logps: torch.Tensor) -> torch.Tensor:
-    # log q(v) = log p(v) - log sum_{u in top-k} p(u): the distribution restricted to the k kept tokens
-    return logps - torch.logsumexp(logps, dim=-1, keepdim=True)
+def _renormalize(logps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    # log q(v) = log p(v) - log sum_{u in top-k} p(u): the distribution restricted to the k kept tokens (the slots of
+    # `mask`, when given: across tokenizers, merged or unmapped teacher entries leave slots empty)
+    if mask is None:
+        return logps - torch.logsumexp(logps, dim=-1, keepdim=True)
+    kept = logps.masked_fill(~mask, -1e4)  # finite: a row with no kept slot must not give NaN gradients
+    return (logps - torch.logsumexp(kept, dim=-1, keepdim=True)).masked_fill(~mask, 0.0)
 
 
-def tgpo_topk(student_topk_logps: torch.Tensor, teacher_topk_logps: torch.Tensor) -> torch.Tensor:
+def _slot_sum(terms: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return (terms if mask is None else terms.masked_fill(~mask, 0.0)).sum(-1)
+
+
+def tgpo_topk(
+    student_topk_logps: torch.Tensor, teacher_topk_logps: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""
     Soft TGPO: `G_t = sum_{v in topk(p_T)} q_T(v) (log q_T(v) - log p_s(v))`.
 
     `q_T` is the teacher renormalised on its top-k; `log p_s` is the student's full-vocabulary log-softmax (so mass the
     student puts outside the teacher's top-k is also pulled back). Inputs `(B, T, K)`, gathered at the teacher's
-    top-k ids.
+    top-k ids; `mask` `(B, T, K)`, optional, keeps only some slots.
     """
-    log_q_teacher = _renormalize(teacher_topk_logps)
-    return (log_q_teacher.exp() * (log_q_teacher - student_topk_logps)).sum(-1)
+    log_q_teacher = _renormalize(teacher_topk_logps, mask)
+    return _slot_sum(log_q_teacher.exp() * (log_q_teacher - student_topk_logps), mask)
 
 
-def rkl_topk(student_topk_logps: torch.Tensor, teacher_topk_logps: torch.Tensor) -> torch.Tensor:
+def rkl_topk(
+    student_topk_logps: torch.Tensor, teacher_topk_logps: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""
     Reverse KL on the teacher's top-k: `G_t = sum_v q_s(v) (log q_s(v) - log q_T(v))`, both renormalised on the
-    teacher's top-k ids. Inputs `(B, T, K)`.
+    teacher's top-k ids. Inputs `(B, T, K)`; `mask` `(B, T, K)`, optional, keeps only some slots.
     """
-    log_q_student = _renormalize(student_topk_logps)
-    log_q_teacher = _renormalize(teacher_topk_logps)
-    return (log_q_student.exp() * (log_q_student - log_q_teacher)).sum(-1)
+    log_q_student = _renormalize(student_topk_logps, mask)
+    log_q_teacher = _renormalize(teacher_topk_logps, mask)
+    return _slot_sum(log_q_student.exp() * (log_q_student - log_q_teacher), mask)
 
 
 def rkl_k3(student_logps: torch.Tensor, teacher_logps: torch.Tensor) -> torch.Tensor:

@@ -256,7 +256,9 @@ class TeacherScores:
     """
     What the guidance needs from one teacher-forced pass, per completion position `(B, T)`: `logps` = `log p_T(y_t)`,
     `argmax`, `valid` (False where the teacher's output is not finite or `y_t` is outside the shared vocabulary),
-    and per mode `sample` (a token drawn from `p_T`), `topk_ids` / `topk_logps` `(B, T, K)`.
+    and per mode `sample` (a token drawn from `p_T`), `topk_ids` / `topk_logps` `(B, T, K)`. Once mapped to the
+    student's positions (`tgpo_trl.alignment`): `aligned` (the position has a teacher target; `valid` then says that
+    `logps` is defined) and, across tokenizers, `topk_valid` `(B, T, K)` (the slot holds a student id).
     """
 
     logps: torch.Tensor
@@ -265,6 +267,8 @@ class TeacherScores:
     sample: torch.Tensor | None = None
     topk_ids: torch.Tensor | None = None
     topk_logps: torch.Tensor | None = None
+    aligned: torch.Tensor | None = None
+    topk_valid: torch.Tensor | None = None
 
     def as_dict(self, prefix: str = "teacher_") -> dict[str, torch.Tensor]:
         return {prefix + key: value for key, value in vars(self).items() if value is not None}

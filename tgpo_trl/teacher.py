@@ -8,6 +8,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
 
+from .alignment import CrossTokenizer, SharedVocabulary
 from .lm_head import TeacherScores, install_teacher_scoring
 
 
@@ -106,6 +107,42 @@ def shared_vocab_size(
             f"{teacher_rows}..{emittable - 1}."
         )
     return emittable
+
+
+def maps_like_student(
+    student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase, emittable: int
+) -> bool:
+    """Whether every id the student can emit stands for the same token in the teacher's tokenizer."""
+    teacher_vocab = teacher_tokenizer.get_vocab()
+    return all(teacher_vocab.get(token) == index
+               for token, index in student_tokenizer.get_vocab().items() if index < emittable)
+
+
+def teacher_id_mapping(
+    student_tokenizer: PreTrainedTokenizerBase,
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    teacher_tokenizer: PreTrainedTokenizerBase | None,
+):
+    """
+    How the teacher's positions and ids map to the student's, and how many of the teacher's leading ids it scores:
+    `(SharedVocabulary(), shared size)` when the tokenizers map ids alike (or the teacher's tokenizer is unknown), else
+    `(CrossTokenizer(...), the teacher tokenizer's ids)`, with a one-time log that cross-tokenizer scoring is on.
+    """
+    student_rows = student.config.get_text_config().vocab_size
+    emittable = min(max(student_tokenizer.get_vocab().values()) + 1, student_rows)
+    if teacher_tokenizer is None or maps_like_student(student_tokenizer, teacher_tokenizer, emittable):
+        return SharedVocabulary(), shared_vocab_size(student_tokenizer, student, teacher, teacher_tokenizer)
+    mapping = CrossTokenizer(student_tokenizer, teacher_tokenizer, emittable)
+    teacher_rows = teacher.config.get_text_config().vocab_size
+    teacher_ids = max(teacher_tokenizer.get_vocab().values()) + 1
+    logger.warning(
+        "The teacher's tokenizer maps ids differently from the student's: cross-tokenizer scoring is on (the teacher "
+        "reads each rollout re-rendered in its own chat template and tokens, aligned on the completion's bytes; "
+        f"{mapping.alignment.vocabulary.exact_ratio:.1%} of its tokens have a student token with the same bytes). "
+        "`gap/aligned_ratio` logs the share of completion tokens that get a teacher target."
+    )
+    return mapping, min(teacher_rows, teacher_ids)
 
 
 def prepare_teacher(teacher: PreTrainedModel, vocab_size: int) -> PreTrainedModel:

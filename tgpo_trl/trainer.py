@@ -18,7 +18,7 @@ from . import guidance as G
 from .config import TGPOConfig
 from .lm_head import StudentLogProbs
 from .model_card import TeacherSource, generate_tgpo_model_card
-from .teacher import find_teacher_tokenizer, load_teacher, prepare_teacher, score_completions, shared_vocab_size
+from .teacher import find_teacher_tokenizer, load_teacher, prepare_teacher, score_completions, teacher_id_mapping
 
 
 logger = logging.get_logger(__name__)
@@ -26,6 +26,8 @@ logger = logging.get_logger(__name__)
 # What each guidance mode needs from the teacher and gathers from the student, besides `log p(y_t)`
 _EXTRA_IDS = {"tgpo": "teacher_argmax", "tgpo_sample": "teacher_sample", "tgpo_topk": "teacher_topk_ids",
               "rkl_topk": "teacher_topk_ids"}
+# The modes whose term is a target from the teacher's distribution; the others read `log p_T(y_t)`
+_TARGET_MODES = tuple(_EXTRA_IDS)
 
 
 def _check_dataset(dataset, name: str, needs_prompt: bool) -> None:
@@ -219,7 +221,9 @@ class TGPOTrainer(GRPOTrainer):
             teacher_processing_class = find_teacher_tokenizer(
                 teacher, teacher_path, args.teacher_model_revision, args.trust_remote_code
             )
-        self.teacher_vocab_size = shared_vocab_size(self._tokenizer, self.model, teacher, teacher_processing_class)
+        self.teacher_scoring, self.teacher_vocab_size = teacher_id_mapping(
+            self._tokenizer, self.model, teacher, teacher_processing_class
+        )
         prepare_teacher(teacher, self.teacher_vocab_size)
         if self.is_deepspeed_enabled:
             self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
@@ -298,9 +302,14 @@ class TGPOTrainer(GRPOTrainer):
             return output
         mode = "train" if self.model.training else "eval"
         scores = self.score_with_teacher(
-            output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"]
+            output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"],
+            prompts=[example["prompt"] for example in inputs] if self.teacher_scoring.cross_tokenizer else None,
         )
-        self._check_teacher_output(scores.valid, self._loss_mask(output), mode)
+        self._check_teacher_output(scores.valid | scores.aligned, self._loss_mask(output), mode)
+        if self.teacher_scoring.cross_tokenizer and not getattr(self, "_alignment_logged", False):
+            self._alignment_logged = True
+            rate = self._global_token_mean(scores.aligned.float(), self._loss_mask(output).bool())
+            logger.warning(f"Cross-tokenizer scoring: {rate:.1%} of the first batch's completion tokens are aligned.")
         output.update(scores.as_dict())
 
         if self.guidance == "opd" and output.get("old_per_token_logps") is not None:
@@ -311,19 +320,22 @@ class TGPOTrainer(GRPOTrainer):
             output["advantages"] = torch.zeros_like(output["advantages"])
         return output
 
-    def score_with_teacher(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
-        """The teacher's one no-grad forward over a batch of rollouts, keeping what `self.guidance` needs."""
-        return score_completions(
+    def score_with_teacher(self, prompt_ids, prompt_mask, completion_ids, completion_mask, prompts=None):
+        """
+        The teacher's one no-grad forward over a batch of rollouts, keeping what `self.guidance` needs, in the
+        student's positions and ids. Where the teacher runs (`score_completions`, in process) and how its ids map
+        (`self.teacher_scoring`: shared vocabulary, or cross-tokenizer, which needs the `prompts` themselves) are two
+        separate layers.
+        """
+        run = functools.partial(
+            score_completions,
             self.teacher_model,
-            prompt_ids,
-            prompt_mask,
-            completion_ids,
-            completion_mask,
             batch_size=self._forward_batch_size,
             top_k=self.args.guidance_top_k if self.guidance in ("tgpo_topk", "rkl_topk") else 0,
             sample=self.guidance == "tgpo_sample",
             autocast=self.accelerator.autocast,
         )
+        return self.teacher_scoring.score(run, prompts, prompt_ids, prompt_mask, completion_ids, completion_mask)
 
     @property
     def _forward_batch_size(self) -> int:
@@ -349,7 +361,8 @@ class TGPOTrainer(GRPOTrainer):
             raise FloatingPointError(
                 "The teacher produced non-finite outputs (NaN or inf) at every completion token of this batch: its "
                 "weights are broken or its dtype overflows. Check the teacher checkpoint or load it in float32/bfloat16 "
-                "via `teacher_model_init_kwargs`."
+                "via `teacher_model_init_kwargs`. (Across tokenizers, a batch none of whose tokens align with the "
+                "teacher's ends here too: see `gap/aligned_ratio`.)"
             )
         if skipped:
             logger.warning_once(
@@ -382,7 +395,12 @@ class TGPOTrainer(GRPOTrainer):
         student_logps, student_extra_logps = gathered.result
 
         mode = "train" if self.model.training else "eval"
-        mask = self._loss_mask(inputs).bool() & inputs["teacher_valid"]
+        loss_mask = self._loss_mask(inputs).bool()
+        # `log p_T(y_t)` is defined where `teacher_valid`; a teacher target exists where `teacher_aligned` (the same
+        # tokens with a shared vocabulary)
+        logp_mask = loss_mask & inputs["teacher_valid"]
+        target_mask = loss_mask & inputs.get("teacher_aligned", inputs["teacher_valid"])
+        mask = target_mask if self.guidance in _TARGET_MODES else logp_mask
         per_token = self._guidance_per_token(student_logps, student_extra_logps, inputs)
         coef = self.guidance_coef
         if per_token is not None:
@@ -391,16 +409,17 @@ class TGPOTrainer(GRPOTrainer):
                 per_token, mask, self.loss_type, self.max_completion_length, **self._normalizer(inputs, mode)
             )
 
-        log_ratio = (student_logps.detach() - inputs["teacher_logps"]).masked_fill(~mask, 0.0)
+        log_ratio = (student_logps.detach() - inputs["teacher_logps"]).masked_fill(~logp_mask, 0.0)
         metrics = self._metrics[mode]
         if self.guidance != "none":
             # opd's term is the reverse KL its advantage minimises
             term = per_token.detach() if per_token is not None else log_ratio
             metrics["guidance/loss"].append(self._global_token_mean(term, mask))
             metrics["guidance/coef"].append(coef)
-        metrics["gap/reverse_kl"].append(self._global_token_mean(log_ratio, mask))
+        metrics["gap/reverse_kl"].append(self._global_token_mean(log_ratio, logp_mask))
         mismatch = (inputs["teacher_argmax"] != completion_ids).float()
-        metrics["gap/mismatch_ratio"].append(self._global_token_mean(mismatch, mask))
+        metrics["gap/mismatch_ratio"].append(self._global_token_mean(mismatch, target_mask))
+        metrics["gap/aligned_ratio"].append(self._global_token_mean(target_mask.float(), loss_mask))
         return loss
 
     def _guidance_per_token(self, student_logps, student_extra_logps, inputs) -> torch.Tensor | None:
@@ -410,9 +429,9 @@ class TGPOTrainer(GRPOTrainer):
         if self.guidance == "tgpo_sample":
             return G.tgpo_sample(student_extra_logps[..., 0])
         if self.guidance == "tgpo_topk":
-            return G.tgpo_topk(student_extra_logps, inputs["teacher_topk_logps"])
+            return G.tgpo_topk(student_extra_logps, inputs["teacher_topk_logps"], inputs.get("teacher_topk_valid"))
         if self.guidance == "rkl_topk":
-            return G.rkl_topk(student_extra_logps, inputs["teacher_topk_logps"])
+            return G.rkl_topk(student_extra_logps, inputs["teacher_topk_logps"], inputs.get("teacher_topk_valid"))
         if self.guidance == "rkl_k3":
             return G.rkl_k3(student_logps, inputs["teacher_logps"])
         if self.guidance == "kdrl":

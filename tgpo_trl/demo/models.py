@@ -1,20 +1,12 @@
-"""Tiny Qwen2 causal language models built from configs (random weights, no hub)."""
+"""Tiny causal language models built from configs (random weights, no hub): Qwen2 for the demo's family, Llama for a
+teacher of another family."""
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
 
 
-def tiny_qwen2(
-    tokenizer: PreTrainedTokenizerBase,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    vocab_size: int | None = None,
-    seed: int = 0,
-    max_position_embeddings: int = 512,
-):
-    """A small Qwen2 with the tokenizer's special ids. `vocab_size` above `len(tokenizer)` pads the embedding."""
-    config = Qwen2Config(
+def _tiny(config_class, tokenizer, hidden_size, num_layers, num_heads, vocab_size, seed, max_position_embeddings):
+    config = config_class(
         vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 4,
@@ -32,3 +24,30 @@ def tiny_qwen2(
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def tiny_qwen2(
+    tokenizer: PreTrainedTokenizerBase,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    max_position_embeddings: int = 512,
+):
+    """A small Qwen2 with the tokenizer's special ids. `vocab_size` above `len(tokenizer)` pads the embedding."""
+    return _tiny(Qwen2Config, tokenizer, hidden_size, num_layers, num_heads, vocab_size, seed, max_position_embeddings)
+
+
+def tiny_llama(
+    tokenizer: PreTrainedTokenizerBase,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    max_position_embeddings: int = 512,
+):
+    """A small Llama with the tokenizer's special ids: saved next to a `llama` config, a byte-level BPE loads back as
+    it was saved (next to `qwen2`, transformers 5 would give it Qwen's pre-tokenizer)."""
+    return _tiny(LlamaConfig, tokenizer, hidden_size, num_layers, num_heads, vocab_size, seed, max_position_embeddings)
