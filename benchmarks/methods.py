@@ -9,7 +9,11 @@ Regimes (models from `tgpo_trl.demo.build`, task: the sum of three two-digit num
 - `large_gap`: the small-gap student's twin (same size, seed and steps) that solves the problems the teacher's way
   (column by column) but writes its solutions in other separators, another "family", with 10% of its examples in
   the teacher's writing: the teacher gives its tokens almost no probability (it has learned to read them);
-- `small_gap`: the same student trained on the teacher's own writing (its family, only weaker).
+- `small_gap`: the same student trained on the teacher's own writing (its family, only weaker);
+- `cross_tokenizer` (not run by default: `--regimes cross_tokenizer --report-name methods_cross_tokenizer`): the
+  small-gap student with the demo teacher rebuilt as another model family, a Llama with a byte-level BPE that merges
+  digits and separators (`tgpo_trl.demo.build.build_cross_tokenizer_teacher`): the teacher's guidance reaches the
+  character-level student through cross-tokenizer scoring, at the positions where both tokenizations start a token.
 
 Methods, with the same steps, batch, learning rate, rollouts and seeds:
 - `grpo`: `guidance="none"` (the teacher is only scored, for the `gap/*` metrics);
@@ -21,7 +25,7 @@ Methods, with the same steps, batch, learning rate, rollouts and seeds:
 Each run trains in its own process at one torch thread (`--jobs` processes at once) and writes
 `<results-dir>/<regime>/<method>/seed<k>.json` (settings, per-step logs, held-out greedy accuracy every
 `--eval-every` steps); a run whose JSON exists is skipped, so an interrupted benchmark resumes where it stopped. The
-aggregated `methods.json`, `methods.md` and PNG curves go to `--out-dir`.
+aggregated `<report-name>.json`, `<report-name>.md` and PNG curves go to `--out-dir`.
 """
 
 import argparse
@@ -41,7 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 # first: it sets the offline environment before transformers and TRL load
 from benchmarks import common
 
-REGIMES = ("large_gap", "small_gap")
+REGIMES = ("large_gap", "small_gap", "cross_tokenizer")
+DEFAULT_REGIMES = ("large_gap", "small_gap")
+# The student and the teacher of each regime (`DemoModels` attributes; `teacher_bpe`: the cross-tokenizer teacher)
+REGIME_MODELS = {"large_gap": ("student_large_gap", "teacher"), "small_gap": ("student_small_gap", "teacher"),
+                 "cross_tokenizer": ("student_small_gap", "teacher_bpe")}
 METHODS = ("grpo", "opd", "kdrl", "tgpo", "tgpo_topk", "tgpo_sample")
 GUIDED = ("kdrl", "tgpo", "tgpo_topk", "tgpo_sample")
 INTERPRETATION_MARKER = "<!-- interpretation (kept when the sections above are regenerated) -->"
@@ -109,7 +117,7 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
     from transformers.utils import logging as hf_logging
 
     from tgpo_trl import TGPOConfig, TGPOTrainer
-    from tgpo_trl.demo.build import build_demo_models
+    from tgpo_trl.demo.build import build_cross_tokenizer_teacher, build_demo_models
     from tgpo_trl.demo.evaluate import greedy_evaluation
     from tgpo_trl.demo.task import build_dataset
     from tgpo_trl.rewards import get_reward_funcs
@@ -117,8 +125,13 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
     hf_logging.set_verbosity_error()
     models = build_demo_models(size=settings["demo_size"], progress=False)
     tokenizer = AutoTokenizer.from_pretrained(models.tokenizer)
-    student = AutoModelForCausalLM.from_pretrained(getattr(models, f"student_{regime}"))
-    teacher = AutoModelForCausalLM.from_pretrained(models.teacher)
+    student_name, teacher_name = REGIME_MODELS[regime]
+    student = AutoModelForCausalLM.from_pretrained(getattr(models, student_name))
+    if teacher_name == "teacher_bpe":
+        teacher_path = build_cross_tokenizer_teacher(size=settings["demo_size"], progress=False)
+    else:
+        teacher_path = getattr(models, teacher_name)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path)
     test_set = build_dataset(settings["eval_size"], 0, "test")
     # Distinct training problems, a different stream per seed (the build pretrained on seed 0..2 streams of `train`)
     train_set = build_dataset(settings["steps"] * settings["prompts_per_step"], 100 + seed, "train")
@@ -168,6 +181,7 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
         train_dataset=train_set,
         processing_class=tokenizer,
         teacher_model=teacher,
+        teacher_processing_class=AutoTokenizer.from_pretrained(teacher_path),
         callbacks=[Recorder()],
     )
     trainer.remove_callback(PrinterCallback)  # the per-step log dicts are kept in `state.log_history`, not printed
@@ -224,10 +238,11 @@ def step0_gap(records: dict, regime: str) -> dict:
     """The gap at step 0: the first logged step's `gap/*` (measured on the initial student's own rollouts, before its
     first update), averaged over every run of the regime."""
     out = {}
-    for key in ("gap/reverse_kl", "gap/mismatch_ratio"):
+    for key in ("gap/reverse_kl", "gap/mismatch_ratio", "gap/aligned_ratio"):
         values = [r["logs"][0][key] for (reg, _, _), r in records.items() if reg == regime and r["logs"]
                   and key in r["logs"][0]]
-        out[key] = common.mean_std(values)
+        if values or key != "gap/aligned_ratio":  # runs older than the metric have none
+            out[key] = common.mean_std(values)
     return out
 
 
@@ -258,7 +273,7 @@ def _smooth(values, window):
     return out
 
 
-def plot(records, regimes, methods, seeds, out_dir: Path) -> list[str]:
+def plot(records, regimes, methods, seeds, out_dir: Path, name: str = "methods") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,7 +281,7 @@ def plot(records, regimes, methods, seeds, out_dir: Path) -> list[str]:
 
     panels = [("accuracy", "held-out greedy accuracy", 1), ("completions/mean_length", "completion length (tokens)", 10),
               ("gap/reverse_kl", "gap/reverse_kl (log p_s - log p_T)", 10),
-              ("gap/mismatch_ratio", "gap/mismatch_ratio", 10)]
+              ("gap/mismatch_ratio", "gap/mismatch_ratio", 10), ("gap/aligned_ratio", "gap/aligned_ratio", 10)]
     names = []
     for regime in regimes:
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
@@ -282,10 +297,10 @@ def plot(records, regimes, methods, seeds, out_dir: Path) -> list[str]:
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{regime}: mean over seeds {list(seeds)}")
         fig.tight_layout()
-        name = f"methods_{regime}.png"
-        fig.savefig(out_dir / name, dpi=90)
+        png = f"{name}_{regime}.png"
+        fig.savefig(out_dir / png, dpi=90)
         plt.close(fig)
-        names.append(name)
+        names.append(png)
     return names
 
 
@@ -294,7 +309,7 @@ def _pct(x):
 
 
 def write_outputs(records, regimes, methods, seeds, settings, out_dir: Path, wall_seconds: float | None,
-                  jobs: int, do_plot: bool = True) -> dict:
+                  jobs: int, do_plot: bool = True, name: str = "methods") -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {}
     for regime in regimes:
@@ -322,9 +337,9 @@ def write_outputs(records, regimes, methods, seeds, settings, out_dir: Path, wal
         "final_stats": {regime: {m: common.mean_std(v) for m, v in summary[regime].items()} for regime in regimes},
     }
     result = {**summary, "meta": meta}
-    common.write_json(out_dir / "methods.json", result)
-    pngs = plot(records, regimes, methods, seeds, out_dir) if do_plot and records else []
-    md_path = out_dir / "methods.md"
+    common.write_json(out_dir / f"{name}.json", result)
+    pngs = plot(records, regimes, methods, seeds, out_dir, name) if do_plot and records else []
+    md_path = out_dir / f"{name}.md"
     # The hand-written interpretation below the marker survives a regeneration
     kept = md_path.read_text().partition(INTERPRETATION_MARKER)[2] if md_path.exists() else ""
     md_path.write_text(render_markdown(result, regimes, methods, pngs, records, seeds) + kept.lstrip("\n"))
@@ -369,13 +384,14 @@ def render_markdown(result, regimes, methods, pngs, records, seeds) -> str:
         ("Measured by the trainer at the first step, on the initial student's own rollouts (mean over all runs of the "
         "regime):"),
         "",
-        "| regime | gap/reverse_kl | gap/mismatch_ratio | initial held-out accuracy |",
-        "|---|---|---|---|",
+        "| regime | gap/reverse_kl | gap/mismatch_ratio | gap/aligned_ratio | initial held-out accuracy |",
+        "|---|---|---|---|---|",
     ]
     for regime in regimes:
         g = meta["step0_gap"][regime]
+        aligned = f"{g['gap/aligned_ratio']['mean']:.3f}" if "gap/aligned_ratio" in g else "n/a"
         lines.append(
-            f"| {regime} | {g['gap/reverse_kl']['mean']:.3f} | {g['gap/mismatch_ratio']['mean']:.3f} | "
+            f"| {regime} | {g['gap/reverse_kl']['mean']:.3f} | {g['gap/mismatch_ratio']['mean']:.3f} | {aligned} | "
             f"{_pct(meta['initial_accuracy'][regime]['mean'])}% |"
         )
     lines += ["", "## Final held-out accuracy (%)", ""]
@@ -422,7 +438,7 @@ def parse_args(argv=None):
     p = common.argument_parser(__doc__, argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced run on the quick demo models (tests)")
     p.add_argument("--aggregate", action="store_true", help="only rebuild the outputs from existing per-run results")
-    p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
+    p.add_argument("--regimes", nargs="+", default=list(DEFAULT_REGIMES), choices=REGIMES)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
@@ -441,6 +457,8 @@ def parse_args(argv=None):
     p.add_argument("--results-dir", default=None, help="per-run JSON (default outputs/benchmark[-quick])")
     p.add_argument("--out-dir", default=None, help="aggregated outputs (default docs/benchmarks)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--report-name", default="methods",
+                   help="file names of the aggregated outputs: <name>.json, <name>.md, <name>_<regime>.png")
     return p.parse_args(argv)
 
 
@@ -478,6 +496,10 @@ def main(argv=None) -> dict:
         from tgpo_trl.demo.build import build_demo_models
 
         build_demo_models(size=settings["demo_size"], progress=False)  # build once, before the workers
+        if "cross_tokenizer" in a.regimes:
+            from tgpo_trl.demo.build import build_cross_tokenizer_teacher
+
+            build_cross_tokenizer_teacher(size=settings["demo_size"], progress=False)
         jobs = []
         for seed in seeds:  # seed-major: a partial benchmark already covers every method
             for regime in a.regimes:
@@ -504,7 +526,7 @@ def main(argv=None) -> dict:
         timings["wall_seconds"] += wall
         timing_file.write_text(json.dumps(timings))
     result = write_outputs(records, a.regimes, a.methods, seeds, settings, out_dir, timings["wall_seconds"],
-                           max(n_jobs, 1), do_plot=not a.no_plots)
+                           max(n_jobs, 1), do_plot=not a.no_plots, name=a.report_name)
     for regime in a.regimes:
         print(regime, {m: round(st["mean"], 3) for m, st in result["meta"]["final_stats"][regime].items()},
               "step-0 gap:", {k: round(v["mean"], 3) for k, v in result["meta"]["step0_gap"][regime].items()})

@@ -105,3 +105,18 @@ def test_methods_share_settings_and_unknown_method_is_refused():
     assert module.method_config("tgpo", settings)["guidance_decay_steps"] == round(settings["steps"] * 2 / 3)
     with pytest.raises(ValueError, match="Unknown method"):
         module.method_config("sft", settings)
+
+
+def test_cross_tokenizer_regime_runs_with_its_own_report(tmp_path):
+    results_dir, out_dir = tmp_path / "results", tmp_path / "out"
+    run_quick(results_dir, out_dir, "--regimes", "cross_tokenizer", "--methods", "grpo", "tgpo", "--seeds", "0",
+              "--report-name", "methods_cross_tokenizer")
+    assert not (out_dir / "methods.json").exists()  # the two-regime report is left alone
+    result = json.loads((out_dir / "methods_cross_tokenizer.json").read_text())
+    assert set(result) == {"cross_tokenizer", "meta"} and set(result["cross_tokenizer"]) == {"grpo", "tgpo"}
+    gap = result["meta"]["step0_gap"]["cross_tokenizer"]
+    assert 0 < gap["gap/aligned_ratio"]["mean"] < 1  # a BPE teacher against a character student: some positions
+    record = json.loads((results_dir / "cross_tokenizer" / "tgpo" / "seed0.json").read_text())
+    assert record["error"] is None and all(0 < row["gap/aligned_ratio"] < 1 for row in record["logs"])
+    assert (out_dir / "methods_cross_tokenizer_cross_tokenizer.png").exists()
+    assert "| cross_tokenizer |" in (out_dir / "methods_cross_tokenizer.md").read_text()

@@ -237,23 +237,15 @@ def test_permuted_teacher_scores_exactly_like_the_shared_vocabulary(tmp_path, st
 # ------------------------------------------------------------------ training with a teacher of another family
 
 
-def demo_corpus(n=400):
-    import itertools
-
-    from tgpo_trl.demo.task import iter_problems, solution_text
-
-    problems = itertools.islice(iter_problems(0, "train"), n)
-    return [p["question"] + solution_text(p, "teacher") for p in problems] + [f"{i}+{i + 1}=" for i in range(50)]
-
-
 @pytest.fixture(scope="module")
 def bpe_teacher_dir(tmp_path_factory):
     """A Llama teacher with a byte-level BPE that merges digits and separators, saved and loaded as users load it."""
+    from tgpo_trl.demo.build import cross_tokenizer_corpus
     from tgpo_trl.demo.models import tiny_llama
     from tgpo_trl.demo.tokenizer import build_byte_level_tokenizer
 
     path = tmp_path_factory.mktemp("bpe_teacher")
-    bpe = build_byte_level_tokenizer(demo_corpus(), vocab_size=400)
+    bpe = build_byte_level_tokenizer(cross_tokenizer_corpus(), vocab_size=400)
     tiny_llama(bpe, hidden_size=48, num_layers=2, seed=1).save_pretrained(path)
     bpe.save_pretrained(path)
     return str(path)

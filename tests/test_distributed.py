@@ -2,10 +2,12 @@
 TGPO across processes, launched for real: `accelerate launch` with the 2-process CPU variants of recipes/accelerate/
 (DeepSpeed ZeRO-3 over gloo, and plain data parallelism), checked against one process. Each launch runs several
 scenarios of tests/distributed/run_tgpo.py, which writes what every rank saw to JSON; the tests read those files and
-the models the runs saved.
+the models the runs saved. The ZeRO-3 launch also trains and resumes with a teacher of another tokenizer
+(cross-tokenizer scoring).
 """
 
 import json
+import math
 import os
 import re
 import socket
@@ -19,8 +21,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tgpo_trl.demo.models import tiny_qwen2
-from tgpo_trl.demo.tokenizer import build_char_tokenizer
+from tgpo_trl.demo.models import tiny_llama, tiny_qwen2
+from tgpo_trl.demo.build import cross_tokenizer_corpus
+from tgpo_trl.demo.tokenizer import build_byte_level_tokenizer, build_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed" / "run_tgpo.py"
@@ -58,7 +61,11 @@ def run_worker(models: Path, out: Path, scenarios: list[str], recipe: str | None
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A tiny student and a larger teacher with a padded embedding, saved with the tokenizer, loaded by path."""
+    """
+    A tiny student and a larger teacher with a padded embedding, saved with the tokenizer, loaded by path; and
+    `teacher_bpe/`, a Llama teacher with a byte-level BPE of its own that merges digits and separators (as
+    tests/test_cross_tokenizer.py builds it), saved with that tokenizer.
+    """
     directory = tmp_path_factory.mktemp("models")
     tokenizer = build_char_tokenizer()
     student = tiny_qwen2(tokenizer, hidden_size=32, num_layers=2, seed=0)
@@ -66,6 +73,9 @@ def models(tmp_path_factory):
     for name, model in (("student", student), ("teacher", teacher)):
         model.save_pretrained(directory / name)
         tokenizer.save_pretrained(directory / name)
+    bpe = build_byte_level_tokenizer(cross_tokenizer_corpus(), vocab_size=400)
+    tiny_llama(bpe, hidden_size=48, num_layers=2, seed=1).save_pretrained(directory / "teacher_bpe")
+    bpe.save_pretrained(directory / "teacher_bpe")
     return directory
 
 
@@ -78,7 +88,8 @@ def single(models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero3(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")
-    return out, run_worker(models, out, ["step", "resume", "lora"], recipe="zero3_cpu_2proc.yaml")
+    # cross_resume last: it runs after the other scenarios have written their reports, and cannot change them
+    return out, run_worker(models, out, ["step", "resume", "lora", "cross_resume"], recipe="zero3_cpu_2proc.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +208,43 @@ def test_zero3_lora_student_saves_its_adapter(zero3, models):
     assert max(weight.abs().max().item() for name, weight in adapter.items() if "lora_B" in name) > 0
     student = AutoModelForCausalLM.from_pretrained(models / "student")
     PeftModel.from_pretrained(student, final)
+
+
+def test_zero3_teacher_of_another_tokenizer_trains_and_resumes(zero3, models):
+    out, reports = zero3
+    cross = reports["cross_resume"]
+    assert [report["world_size"] for report in cross] == [2, 2]
+    for report in cross:  # detected on every rank from the tokenizer beside the teacher's weights, before and on resume
+        assert report["first_cross_tokenizer"] and report["resumed_cross_tokenizer"]
+        assert report["teacher_is_deepspeed_engine"]
+    assert_half_on_each_rank([report["teacher"] for report in cross])  # the teacher of another family, sharded too
+
+    for report in cross:
+        first = training_rows(report["first_log_history"])
+        resumed = training_rows(report["resumed_log_history"])
+        assert [row["guidance/coef"] for row in first] == [0.5, 0.375]
+        assert [row["step"] for row in resumed] == [1, 2, 3] and report["resumed_steps_run"] == [3]
+        for row in first + resumed:
+            # a BPE that merges digits and separators: only some student positions get a teacher target
+            assert 0 < row["gap/aligned_ratio"] < 1, row["step"]
+            assert math.isfinite(row["guidance/loss"]) and row["guidance/loss"] != 0, row["step"]
+        step3 = resumed[-1]
+        assert step3["guidance/coef"] == 0.25  # the linear schedule continued from the checkpoint, not restarted
+        for key in ("loss", "grad_norm", "guidance/loss", "gap/reverse_kl", "gap/mismatch_ratio", "gap/aligned_ratio",
+                    "entropy"):
+            assert math.isfinite(step3[key]), key
+    # Global means: every rank logs the same values
+    rows = [training_rows(report["resumed_log_history"]) for report in cross]
+    for key in ("guidance/loss", "gap/aligned_ratio", "guidance/coef"):
+        assert [row[key] for row in rows[0]] == pytest.approx([row[key] for row in rows[1]], rel=1e-6), key
+
+    assert json.loads((out / "cross_resume" / "checkpoint-2" / "trainer_state.json").read_text())["global_step"] == 2
+    final = AutoModelForCausalLM.from_pretrained(out / "cross_resume" / "final")
+    initial = load_file(models / "student" / "model.safetensors")
+    assert {name: tuple(param.shape) for name, param in final.state_dict().items()} == {
+        name: tuple(weight.shape) for name, weight in initial.items()
+    }
+    assert all(torch.isfinite(param).all() for param in final.parameters())
 
 
 # ---------------------------------------------------------------------------------------------- data parallel

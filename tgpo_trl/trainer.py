@@ -303,7 +303,7 @@ class TGPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         scores = self.score_with_teacher(
             output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"],
-            prompts=[example["prompt"] for example in inputs] if self.teacher_scoring.cross_tokenizer else None,
+            prompts=self._prompts_for_teacher(inputs) if self.teacher_scoring.cross_tokenizer else None,
         )
         self._check_teacher_output(scores.valid | scores.aligned, self._loss_mask(output), mode)
         if self.teacher_scoring.cross_tokenizer and not getattr(self, "_alignment_logged", False):
@@ -319,6 +319,17 @@ class TGPOTrainer(GRPOTrainer):
         elif not self.args.use_task_reward:
             output["advantages"] = torch.zeros_like(output["advantages"])
         return output
+
+    @staticmethod
+    def _prompts_for_teacher(inputs: list[dict[str, Any]]) -> list:
+        """The batch's prompts, which a teacher with another tokenizer re-renders in its own chat template."""
+        if any("prompt" not in example for example in inputs):
+            raise ValueError(
+                "A teacher with another tokenizer re-renders each prompt in its own chat template, but this batch's "
+                "examples have no `prompt` (an `environment_factory` that owns the prompts?). Give the dataset a "
+                "`prompt` column, or use a teacher with the student's tokenizer."
+            )
+        return [example["prompt"] for example in inputs]
 
     def score_with_teacher(self, prompt_ids, prompt_mask, completion_ids, completion_mask, prompts=None):
         """

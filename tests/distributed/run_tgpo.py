@@ -7,7 +7,8 @@ each rank saw to `OUT/<scenario>/rank<R>.json` (plus the saved models under `OUT
         tests/distributed/run_tgpo.py --models DIR --out DIR --scenarios step,resume,lora
 
 `--models DIR` holds `student/` and `teacher/` (tiny models, each with the tokenizer), loaded by path as users load
-theirs: under ZeRO-3 they arrive partitioned (`zero.Init`), which is the path a 30B teacher takes.
+theirs: under ZeRO-3 they arrive partitioned (`zero.Init`), which is the path a 30B teacher takes. `teacher_bpe/` is a
+teacher of another family, with its own tokenizer (a byte-level BPE), for `cross_resume`.
 
 Scenarios:
 - `step`: one optimizer step on a fixed global batch of 8 rollouts, identical whatever the number of processes (no
@@ -17,6 +18,9 @@ Scenarios:
   `checkpoint-2` for step 3, and saves the final model.
 - `lora`: a LoRA student, a teacher passed as a model object and the top-k guidance; one real step, and the adapter
   saved.
+- `cross_resume`: `resume` with the teacher of another tokenizer (`teacher_bpe/`, found beside its weights, so
+  cross-tokenizer scoring is on): real sampling, so each rollout's prompt is re-rendered the teacher's way. Records
+  whether cross-tokenizer scoring was on and how the teacher is partitioned.
 """
 
 import argparse
@@ -183,18 +187,25 @@ class StepsRun(TrainerCallback):
         self.steps.append(state.global_step)
 
 
-def run_resume(models: Path, out: Path, world_size: int) -> dict:
+def run_resume(models: Path, out: Path, world_size: int, teacher: str = "teacher") -> dict:
     # In bfloat16, as on GPUs: under ZeRO-3 the saved model is then the gathered 16-bit weights
     schedule = {
         "guidance_schedule": "linear", "guidance_decay_steps": 4, "save_strategy": "steps", "save_steps": 1,
         "bf16": True, "teacher_model_init_kwargs": {"dtype": "bfloat16"},
     }
-    first = make_trainer(models, make_config(out, world_size, max_steps=2, **schedule))
+    teacher_model = str(models / teacher)
+    first = make_trainer(models, make_config(out, world_size, max_steps=2, **schedule), teacher_model=teacher_model)
     first.train()
-    report = {"first_log_history": first.state.log_history, "teacher": partition_summary(first.teacher_model)}
+    report = {
+        "first_log_history": first.state.log_history,
+        "teacher": partition_summary(first.teacher_model),
+        "teacher_is_deepspeed_engine": is_deepspeed_engine(first.teacher_model),
+        "first_cross_tokenizer": first.teacher_scoring.cross_tokenizer,
+    }
     del first
 
-    resumed = make_trainer(models, make_config(out, world_size, max_steps=3, **schedule))
+    resumed = make_trainer(models, make_config(out, world_size, max_steps=3, **schedule), teacher_model=teacher_model)
+    report["resumed_cross_tokenizer"] = resumed.teacher_scoring.cross_tokenizer
     steps_run = StepsRun()
     resumed.add_callback(steps_run)
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
@@ -225,7 +236,12 @@ def run_lora(models: Path, out: Path, world_size: int) -> dict:
     }
 
 
-SCENARIOS = {"step": run_step, "resume": run_resume, "lora": run_lora}
+def run_cross_resume(models: Path, out: Path, world_size: int) -> dict:
+    # The dataset's prompts are conversations, which the teacher reads in its own (ChatML) template
+    return run_resume(models, out, world_size, teacher="teacher_bpe")
+
+
+SCENARIOS = {"step": run_step, "resume": run_resume, "lora": run_lora, "cross_resume": run_cross_resume}
 
 
 def main():
@@ -239,6 +255,10 @@ def main():
         out = options.out / name
         report = {"rank": rank, "world_size": world_size, **SCENARIOS[name](options.models, out, world_size)}
         (out / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
+    # Leave together: a rank that exits while the other still saves tears gloo down under it (SIGABRT at exit)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .evaluate import encode_prompts, evaluate_completions, greedy_completions, pad_rows, teacher_mismatch_ratio
-from .models import tiny_qwen2
+from .models import tiny_llama, tiny_qwen2
 from .task import MAX_COMPLETION_LENGTH, build_dataset, iter_problems, solution_text
-from .tokenizer import build_char_tokenizer
+from .tokenizer import build_byte_level_tokenizer, build_char_tokenizer
 
 
 # Bump when the task, the tokenizer or the training loop changes in a way the settings do not show.
@@ -144,15 +144,21 @@ def _training_batches(tokenizer: PreTrainedTokenizerBase, spec: ModelSpec, batch
     while True:
         batch = list(islice(problems, batch_size))
         prompt_ids = encode_prompts(tokenizer, [[{"role": "user", "content": p["question"]}] for p in batch])
-        completions, skipped = [], []
+        prefixes, rests = [], []
         for problem in batch:
             style = "teacher" if style_rng.random() < spec.teacher_style_fraction else spec.style
             text, cut = solution_text(problem, style), 0
             if rng.random() < spec.foreign_prefix_fraction:
                 text, cut = reread_prefix(text, rng)
-            completions.append(text + tokenizer.eos_token)
-            skipped.append(cut)  # one character = one token
-        completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+            prefixes.append(text[:cut])
+            rests.append(text[cut:] + tokenizer.eos_token)
+        # The prefix is encoded on its own, so that the loss starts at a token boundary whatever the tokenizer (with
+        # the character tokenizer this is the same as encoding the whole text)
+        prefix_ids = [ids if prefix else [] for ids, prefix in zip(
+            tokenizer(prefixes, add_special_tokens=False)["input_ids"], prefixes, strict=True)]
+        rest_ids = tokenizer(rests, add_special_tokens=False)["input_ids"]
+        completion_ids = [p + r for p, r in zip(prefix_ids, rest_ids, strict=True)]
+        skipped = [len(p) for p in prefix_ids]
         rows = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
         input_ids, attention_mask = pad_rows(rows, tokenizer.pad_token_id, "left")
         labels = torch.full_like(input_ids, -100)
@@ -276,3 +282,60 @@ def build_demo_models(
         _build_atomically(root, settings, size, progress)
     report = json.loads((root / REPORT_FILE).read_text())
     return DemoModels(root, root / "tokenizer", *(root / name for name in MODEL_NAMES), report=report)
+
+
+# ---------------------------------------------------------------------------------------------------- another family
+
+# The byte-level BPE of the cross-tokenizer teacher: trained on this many teacher-style solutions (and their prompts),
+# without GPT-2's pre-split, so that its merges cross digits and separators (`"0+3"`, `"+9=18"`, `"8\n####"`)
+CROSS_TOKENIZER_VOCAB = 600
+CROSS_TOKENIZER_CORPUS = 5000
+
+
+def cross_tokenizer_corpus() -> list[str]:
+    problems = islice(iter_problems(10_000, "train"), CROSS_TOKENIZER_CORPUS)
+    return [text for p in problems for text in (p["question"], solution_text(p, "teacher"))]
+
+
+def build_cross_tokenizer_teacher(
+    cache_dir: str | os.PathLike | None = None, size: str = "full", progress: bool = True
+) -> Path:
+    """
+    The demo's teacher rebuilt as another model family: a Llama with a byte-level BPE tokenizer and ChatML markers,
+    the same size and supervised training as the demo teacher (`SIZES[size].teacher`). Its tokens rarely start where
+    the character-level students' do, so guidance reaches the students through cross-tokenizer scoring. Cached like
+    the demo models, next to them; returns the model directory (the tokenizer is saved beside the weights).
+    """
+    settings = SIZES[size]
+    spec = settings.teacher
+    key = hashlib.sha256(json.dumps({"teacher": asdict(spec), "vocab": CROSS_TOKENIZER_VOCAB,
+                                     "corpus": CROSS_TOKENIZER_CORPUS, "version": BUILD_VERSION},
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"{size}-teacher_bpe-{key}"
+    if (root / REPORT_FILE).exists():
+        return root
+    staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        started = time.perf_counter()
+        with _one_torch_thread():
+            tokenizer = build_byte_level_tokenizer(cross_tokenizer_corpus(), CROSS_TOKENIZER_VOCAB)
+            model = tiny_llama(tokenizer, spec.hidden_size, spec.num_layers, spec.num_heads, seed=spec.seed)
+            final_loss = train_supervised(model, tokenizer, spec, settings.batch_size, progress)
+            test_set = build_dataset(settings.eval_size, settings.eval_seed, "test")
+            completions = greedy_completions(model, tokenizer, test_set["prompt"], MAX_COMPLETION_LENGTH)
+            evaluation = evaluate_completions(tokenizer, completions, test_set["answer"])
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        report = {"key": key, "size": size, "tokenizer_size": len(tokenizer), "accuracy": evaluation.accuracy,
+                  "mean_completion_tokens": evaluation.mean_length, "final_train_loss": final_loss,
+                  "seconds": round(time.perf_counter() - started, 1)}
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        staging.rename(root)
+    except OSError:
+        if not (root / REPORT_FILE).exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
