@@ -301,3 +301,11 @@ def test_teacher_tokenizer_without_byte_mapping_fails_at_construction(tmp_path, 
     with pytest.raises(ValueError, match=r"The teacher's tokenizer .*\(WordPiece\)"):
         make_trainer(tmp_path, student, teacher, tokenizer, dataset,
                      trainer_kwargs={"teacher_processing_class": wordpiece})
+
+
+def test_tokenizer_that_is_not_fast_fails_naming_it():
+    class SlowTokenizer:  # what a Python-only tokenizer offers: no `backend_tokenizer`
+        name_or_path = "some/slow-tokenizer"
+
+    with pytest.raises(ValueError, match=r"The student's tokenizer \(some/slow-tokenizer, SlowTokenizer\) is not a fast"):
+        TokenBytes.of(SlowTokenizer(), "student")

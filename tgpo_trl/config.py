@@ -31,9 +31,9 @@ class TGPOConfig(GRPOConfig):
 
         teacher_model_name_or_path (`str`, *optional*):
             Hub id or local path of the teacher, loaded with `AutoModelForCausalLM.from_pretrained`. A model object
-            passed to the trainer as `teacher_model` takes precedence. The teacher must share the student's token ids
-            (a teacher whose embedding matrix is only padded further, e.g. Qwen2.5-72B for a Qwen2.5-1.5B student, is
-            fine).
+            passed to the trainer as `teacher_model` takes precedence. A teacher with the student's tokenizer scores the
+            student's ids (its embedding may be padded further, e.g. Qwen2.5-72B for a Qwen2.5-1.5B student); one with
+            another tokenizer is scored across tokenizers (docs/method.md, "Teachers with another tokenizer").
         teacher_model_revision (`str`, *optional*):
             Revision (branch, tag or commit) of the teacher.
         teacher_model_init_kwargs (`str` or `dict[str, Any]`, *optional*):

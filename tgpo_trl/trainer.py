@@ -120,10 +120,10 @@ class TGPOTrainer(GRPOTrainer):
             As in [`~trl.GRPOTrainer`]; `args` must be a [`TGPOConfig`].
         teacher_model (`str` or [`~transformers.PreTrainedModel`], *optional*):
             The teacher. Overrides `args.teacher_model_name_or_path`. It is frozen, put in eval mode with dropout off,
-            and never handed to the optimizer; it must share the student's token ids.
+            and never handed to the optimizer. It may have another tokenizer than the student's.
         teacher_processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
-            The teacher's tokenizer, used only to check that it maps tokens like the student's. Found next to the
-            teacher's weights when not given.
+            The teacher's tokenizer. Found next to the teacher's weights when not given. When it maps ids like the
+            student's, the teacher scores the student's ids; otherwise cross-tokenizer scoring is on (`tgpo_trl.alignment`).
     """
 
     _tag_names = ["trl", "tgpo"]

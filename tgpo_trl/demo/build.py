@@ -251,15 +251,15 @@ def _build(root: Path, settings: BuildSettings, size: str, progress: bool) -> di
     }
 
 
-def _build_atomically(root: Path, settings: BuildSettings, size: str, progress: bool) -> None:
-    """Build in a staging directory renamed into place only when complete, so an interrupted build is never
-    mistaken for a cached one (and leaves nothing behind)."""
+def _build_atomically(root: Path, build) -> None:
+    """Run `build(staging)` (which fills a staging directory and returns its report) in a directory renamed into place
+    only when complete, so an interrupted build is never mistaken for a cached one (and leaves nothing behind)."""
     staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         with _one_torch_thread():
-            report = _build(staging, settings, size, progress)
+            report = build(staging)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
         staging.rename(root)
     except OSError:
@@ -279,7 +279,7 @@ def build_demo_models(
     settings = SIZES[size]
     root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"{size}-{settings.key()}"
     if not (root / REPORT_FILE).exists():
-        _build_atomically(root, settings, size, progress)
+        _build_atomically(root, lambda staging: _build(staging, settings, size, progress))
     report = json.loads((root / REPORT_FILE).read_text())
     return DemoModels(root, root / "tokenizer", *(root / name for name in MODEL_NAMES), report=report)
 
@@ -307,35 +307,26 @@ def build_cross_tokenizer_teacher(
     the demo models, next to them; returns the model directory (the tokenizer is saved beside the weights).
     """
     settings = SIZES[size]
-    spec = settings.teacher
-    key = hashlib.sha256(json.dumps({"teacher": asdict(spec), "vocab": CROSS_TOKENIZER_VOCAB,
+    key = hashlib.sha256(json.dumps({"teacher": asdict(settings.teacher), "vocab": CROSS_TOKENIZER_VOCAB,
                                      "corpus": CROSS_TOKENIZER_CORPUS, "version": BUILD_VERSION},
                                     sort_keys=True).encode()).hexdigest()[:12]
     root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"{size}-teacher_bpe-{key}"
-    if (root / REPORT_FILE).exists():
-        return root
-    staging = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        started = time.perf_counter()
-        with _one_torch_thread():
-            tokenizer = build_byte_level_tokenizer(cross_tokenizer_corpus(), CROSS_TOKENIZER_VOCAB)
-            model = tiny_llama(tokenizer, spec.hidden_size, spec.num_layers, spec.num_heads, seed=spec.seed)
-            final_loss = train_supervised(model, tokenizer, spec, settings.batch_size, progress)
-            test_set = build_dataset(settings.eval_size, settings.eval_seed, "test")
-            completions = greedy_completions(model, tokenizer, test_set["prompt"], MAX_COMPLETION_LENGTH)
-            evaluation = evaluate_completions(tokenizer, completions, test_set["answer"])
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        report = {"key": key, "size": size, "tokenizer_size": len(tokenizer), "accuracy": evaluation.accuracy,
-                  "mean_completion_tokens": evaluation.mean_length, "final_train_loss": final_loss,
-                  "seconds": round(time.perf_counter() - started, 1)}
-        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        staging.rename(root)
-    except OSError:
-        if not (root / REPORT_FILE).exists():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if not (root / REPORT_FILE).exists():
+        _build_atomically(root, lambda staging: _build_cross_tokenizer_teacher(staging, settings, key, size, progress))
     return root
+
+
+def _build_cross_tokenizer_teacher(root: Path, settings: BuildSettings, key: str, size: str, progress: bool) -> dict:
+    started = time.perf_counter()
+    spec = settings.teacher
+    tokenizer = build_byte_level_tokenizer(cross_tokenizer_corpus(), CROSS_TOKENIZER_VOCAB)
+    model = tiny_llama(tokenizer, spec.hidden_size, spec.num_layers, spec.num_heads, seed=spec.seed)
+    final_loss = train_supervised(model, tokenizer, spec, settings.batch_size, progress)
+    test_set = build_dataset(settings.eval_size, settings.eval_seed, "test")
+    completions = greedy_completions(model, tokenizer, test_set["prompt"], MAX_COMPLETION_LENGTH)
+    evaluation = evaluate_completions(tokenizer, completions, test_set["answer"])
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return {"key": key, "size": size, "tokenizer_size": len(tokenizer), "accuracy": evaluation.accuracy,
+            "mean_completion_tokens": evaluation.mean_length, "final_train_loss": final_loss,
+            "seconds": round(time.perf_counter() - started, 1)}

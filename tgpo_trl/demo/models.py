@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
 
 
-def _tiny(config_class, tokenizer, hidden_size, num_layers, num_heads, vocab_size, seed, max_position_embeddings):
+def _tiny(config_class, tokenizer, hidden_size=64, num_layers=2, num_heads=4, vocab_size=None, seed=0,
+          max_position_embeddings=512):
     config = config_class(
         vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
@@ -26,28 +27,13 @@ def _tiny(config_class, tokenizer, hidden_size, num_layers, num_heads, vocab_siz
     return model
 
 
-def tiny_qwen2(
-    tokenizer: PreTrainedTokenizerBase,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    vocab_size: int | None = None,
-    seed: int = 0,
-    max_position_embeddings: int = 512,
-):
-    """A small Qwen2 with the tokenizer's special ids. `vocab_size` above `len(tokenizer)` pads the embedding."""
-    return _tiny(Qwen2Config, tokenizer, hidden_size, num_layers, num_heads, vocab_size, seed, max_position_embeddings)
+def tiny_qwen2(tokenizer: PreTrainedTokenizerBase, *args, **kwargs):
+    """A small Qwen2 with the tokenizer's special ids: `(hidden_size=64, num_layers=2, num_heads=4, vocab_size=None,
+    seed=0, max_position_embeddings=512)`. `vocab_size` above `len(tokenizer)` pads the embedding."""
+    return _tiny(Qwen2Config, tokenizer, *args, **kwargs)
 
 
-def tiny_llama(
-    tokenizer: PreTrainedTokenizerBase,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    vocab_size: int | None = None,
-    seed: int = 0,
-    max_position_embeddings: int = 512,
-):
-    """A small Llama with the tokenizer's special ids: saved next to a `llama` config, a byte-level BPE loads back as
-    it was saved (next to `qwen2`, transformers 5 would give it Qwen's pre-tokenizer)."""
-    return _tiny(LlamaConfig, tokenizer, hidden_size, num_layers, num_heads, vocab_size, seed, max_position_embeddings)
+def tiny_llama(tokenizer: PreTrainedTokenizerBase, *args, **kwargs):
+    """A small Llama, with the arguments of `tiny_qwen2`: saved next to a `llama` config, a byte-level BPE loads back
+    as it was saved (next to `qwen2`, transformers 5 would give it Qwen's pre-tokenizer)."""
+    return _tiny(LlamaConfig, tokenizer, *args, **kwargs)
