@@ -101,6 +101,30 @@ def environment(**extra) -> dict:
     }
 
 
+def cpu_environment(**extra) -> dict:
+    """`environment` of a CPU run: the platform, the cores and torch's threads, and the load average at the start
+    (other jobs on a shared machine show there), then `extra`."""
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return environment(
+        platform=platform.platform(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        torch_interop_threads=torch.get_num_interop_threads(), device="cpu", dtype="float32", load_average=load,
+        **extra,
+    )
+
+
+def start_cpu_run(settings, environment_fn) -> dict:
+    """Set torch's threads from `settings.threads` (one inter-op thread), then describe the run with
+    `environment_fn()` (a `cpu_environment`), log it with the settings, and return it."""
+    torch.set_num_threads(settings.threads)
+    torch.set_num_interop_threads(1)
+    env = environment_fn()
+    log(f"Settings: {settings}\ntorch threads: {env['torch_threads']}, load average: {env['load_average']}")
+    return env
+
+
 # ---------------------------------------------------------------------------------------------------- command line
 
 

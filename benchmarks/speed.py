@@ -24,7 +24,6 @@ import gc
 import json
 import multiprocessing
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -247,15 +246,7 @@ def same_head_ratios(times: dict) -> dict:
 
 
 def environment() -> dict:
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return common.environment(
-        platform=platform.platform(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-        torch_interop_threads=torch.get_num_interop_threads(), device="cpu", dtype="float32", load_average=load,
-        gpu="not used here: the GPU figures are in gpu.json",
-    )
+    return common.cpu_environment(gpu="not used here: the GPU figures are in gpu.json")
 
 
 def mib(value: float) -> str:
@@ -446,10 +437,7 @@ def main(argv=None) -> dict:
     settings = common.settings_from_args(parser, args, QUICK if args.quick else Settings())
     log = common.log
 
-    torch.set_num_threads(settings.threads)
-    torch.set_num_interop_threads(1)
-    env = environment()
-    log(f"Settings: {settings}\ntorch threads: {env['torch_threads']}, load average: {env['load_average']}")
+    env = common.start_cpu_run(settings, environment)
     start = time.perf_counter()
     log("Timing (alternated rounds):")
     times = measure_time(settings, log)

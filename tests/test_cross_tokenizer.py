@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import length_reward, make_trainer, train_logs
+from conftest import make_trainer, train_logs
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -309,3 +309,20 @@ def test_tokenizer_that_is_not_fast_fails_naming_it():
 
     with pytest.raises(ValueError, match=r"The student's tokenizer \(some/slow-tokenizer, SlowTokenizer\) is not a fast"):
         TokenBytes.of(SlowTokenizer(), "student")
+
+
+def test_unmatched_teacher_token_maps_to_the_longest_student_prefix():
+    import numpy as np
+
+    from tgpo_trl.alignment import VocabularyMap
+
+    def token_bytes(pieces):
+        return TokenBytes(pieces, [None] * len(pieces), np.array([len(p) for p in pieces]),
+                          np.zeros(len(pieces), dtype=bool), "plain")
+
+    student = token_bytes([b"a", b"b", b"ab"])
+    teacher = token_bytes([b"a", b"b", b"abb", b"aba", b"ba", b"ab"])
+    # 'abb' and 'aba' are longer than any student token: their longest student prefix is 'ab'
+    assert VocabularyMap(teacher, student, [], None, 3).teacher_to_student.tolist() == [0, 1, 2, 2, 1, 2]
+    # a student id beyond the student's rows is never a target
+    assert VocabularyMap(teacher, student, [], None, 2).teacher_to_student.tolist() == [0, 1, 0, 0, 1, 0]
