@@ -1,0 +1,556 @@
+"""Measure a student-teacher pair before training, and say which method fits (docs/gap_report.md).
+
+    accelerate launch scripts/gap_report.py                                   # no arguments: the offline demo's pair
+    accelerate launch scripts/gap_report.py --gap_demo_student student_large_gap
+    accelerate launch scripts/gap_report.py --config recipes/x.yaml --gap_num_prompts 256
+    python scripts/gap_report.py --help                                       # every option
+
+The parser, the recipes and the YAML keys are those of scripts/train.py (every TGPOConfig, trl.ModelConfig, dataset and
+reward option), plus the `--gap_*` options below. On several processes each one measures a shard of the prompts and
+the results are gathered on the main one. Writes `gap_report.json`, `gap_report.md` and two PNG plots to
+`--output_dir`.
+
+What is measured, on the student's own rollouts sampled as training would sample them (the run's temperature,
+`num_generations` per prompt): per completion token, the reverse KL, the mismatch and off-support ratios, the guidance
+loss TGPO would start from, the teacher's confidence, the top-k overlap and shared mass (tgpo_trl/gap.py), each as a
+mean, a distribution and along the completion; per sequence, the student's accuracy under the run's reward functions,
+and the teacher's and the student's accuracy when each greedily finishes the same student prefixes. The teacher is
+scored by the trainer's own `score_with_teacher` (shared vocabulary or cross-tokenizer).
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # train.py, beside this file
+
+import torch
+import train
+import yaml
+from tqdm.auto import tqdm
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+
+from tgpo_trl import TGPOConfig, TGPOTrainer
+from tgpo_trl import gap as G
+from tgpo_trl.alignment import render_prompt
+from tgpo_trl.demo.build import MODEL_NAMES
+
+REPORT_JSON, REPORT_MD = "gap_report.json", "gap_report.md"
+PLOT_LOG_RATIO, PLOT_POSITIONS = "gap_log_ratio_histogram.png", "gap_by_position.png"
+DEMO_OUTPUT_DIR = "outputs/gap-report-demo"
+DEMO_NUM_PROMPTS = 128
+DEMO_STUDENTS = tuple(name for name in MODEL_NAMES if name != "teacher")
+
+
+@dataclass
+class GapReportArguments(train.TGPOScriptArguments):
+    """scripts/train.py's dataset, reward and demo arguments, plus what the gap report measures."""
+
+    gap_num_prompts: int = field(
+        default=128, metadata={"help": "Prompts measured (the first ones of the train split), across all processes."})
+    gap_prompts_per_batch: int = field(
+        default=4, metadata={"help": "Prompts per generation batch on each process (each with num_generations "
+                             "rollouts); bounds the memory."})
+    gap_prefix_fractions: list[float] = field(
+        default_factory=lambda: list(G.PREFIX_FRACTIONS),
+        metadata={"help": "Where rollouts are cut for the prefix test (fractions of their tokens, in (0, 1))."})
+    gap_prefix_rollouts: int = field(
+        default=1, metadata={"help": "Rollouts per prompt the teacher and the student finish from each cut."})
+    gap_prefix_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Greedy tokens allowed after a cut (default: max_completion_length)."})
+    gap_correct_reward: float = field(
+        default=1.0, metadata={"help": "A completion counts as correct when its weighted reward is at least this."})
+    gap_demo_student: str = field(
+        default="student_small_gap",
+        metadata={"help": "The demo's student measured (demo only).", "choices": list(DEMO_STUDENTS)})
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("gap_num_prompts", "gap_prompts_per_batch", "gap_prefix_rollouts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if self.gap_prefix_max_new_tokens is not None and self.gap_prefix_max_new_tokens < 1:
+            raise ValueError(f"`gap_prefix_max_new_tokens` must be >= 1, got {self.gap_prefix_max_new_tokens}.")
+        bad = [f for f in self.gap_prefix_fractions if not 0.0 < f < 1.0]
+        if bad or not self.gap_prefix_fractions:
+            raise ValueError(f"`gap_prefix_fractions` must be fractions in (0, 1), got {self.gap_prefix_fractions}.")
+        if not math.isfinite(self.gap_correct_reward):
+            raise ValueError(f"`gap_correct_reward` must be finite, got {self.gap_correct_reward}.")
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((GapReportArguments, TGPOConfig, ModelConfig), description=__doc__,
+                     formatter_class=train._HelpFormatter)
+
+
+def parse_args(argv: list[str]):
+    """As scripts/train.py parses (flags over `--config`, the demo's settings under both), with the report's
+    defaults for the demo."""
+    parser = make_parser()
+    demo_size = train.requested_demo(argv)
+    if demo_size is not None:
+        from tgpo_trl.demo.run import demo_defaults
+
+        parser.set_defaults_with_config(**{**demo_defaults(demo_size), "output_dir": DEMO_OUTPUT_DIR,
+                                           "gap_num_prompts": DEMO_NUM_PROMPTS})
+    try:
+        return parser.parse_args_and_config(argv)
+    except (OSError, yaml.YAMLError) as error:
+        path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+        raise ValueError(f"Could not read config file {path!r}: {str(error).strip().splitlines()[0]}") from error
+
+
+# ------------------------------------------------------------------ models and data
+
+
+def demo_inputs(script_args, training_args, model_args):
+    """The demo's pair and prompts: its teacher, the chosen student, the RL run's training problems."""
+    from accelerate import PartialState
+    from transformers import AutoTokenizer
+
+    from tgpo_trl.demo.build import build_demo_models
+    from tgpo_trl.demo.run import TRAIN_SEED
+    from tgpo_trl.demo.task import build_dataset
+
+    state = PartialState()
+    with state.local_main_process_first():
+        models = build_demo_models(size=script_args.demo_size, progress=state.is_local_main_process)
+    if training_args.teacher_model_name_or_path is None:
+        training_args.teacher_model_name_or_path = str(models.teacher)
+    if not model_args.model_name_or_path:
+        model_args.model_name_or_path = str(getattr(models, script_args.gap_demo_student))
+    dataset = build_dataset(script_args.gap_num_prompts, TRAIN_SEED, "train")
+    return dataset, AutoTokenizer.from_pretrained(models.tokenizer)
+
+
+def build_trainer(training_args, model_args, reward_funcs, dataset, processing_class=None) -> TGPOTrainer:
+    """The trainer a run with these settings would build (its teacher, vocabulary rule, generation and rewards)."""
+    model_init_kwargs = {"revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code,
+                         "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype}
+    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+    return TGPOTrainer(
+        model=model_args.model_name_or_path, reward_funcs=reward_funcs, args=training_args, train_dataset=dataset,
+        processing_class=processing_class, peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
+    )
+
+
+# ------------------------------------------------------------------ measuring
+
+
+class _CapturedRewards:
+    """Wraps the trainer's `_calculate_rewards` (the run's reward functions, gathered over processes) to keep its
+    result, so GRPO's own reward call inside generation is the one the accuracy is read from."""
+
+    def __init__(self, trainer):
+        self.trainer, self.original, self.last = trainer, trainer._calculate_rewards, None
+
+    def __call__(self, *args, **kwargs):
+        self.last = self.original(*args, **kwargs)
+        return self.last
+
+    def __enter__(self):
+        self.trainer._calculate_rewards = self
+        return self
+
+    def __exit__(self, *exc):
+        del self.trainer._calculate_rewards  # back to the class's method
+
+
+def correct(trainer, rewards_per_func: torch.Tensor, threshold: float) -> torch.Tensor:
+    """This process's rows of the gathered rewards, weighted as GRPO weights them, compared with `threshold`."""
+    n = rewards_per_func.size(0) // trainer.accelerator.num_processes
+    local = rewards_per_func[trainer.accelerator.process_index * n : (trainer.accelerator.process_index + 1) * n]
+    weighted = (local * trainer.reward_weights.to(local.device).unsqueeze(0)).nansum(dim=1)
+    return weighted >= threshold
+
+
+def _greedy(model, prefixes: list[list[int]], pad_id: int, eos_ids: list[int], max_new_tokens: int, batch_size: int,
+            synced_gpus: bool) -> list[list[int]]:
+    """Greedy continuations of token-id prefixes (left padded), cut after the first end of turn (kept)."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prefixes), batch_size):
+        rows = prefixes[start : start + batch_size]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                   max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids,
+                                   synced_gpus=synced_gpus, temperature=None, top_p=None, top_k=None)
+        for row in generated[:, width:].tolist():
+            cut = next((i for i, token in enumerate(row) if token in eos_ids), None)
+            out.append(row[: cut + 1] if cut is not None else row)
+    return out
+
+
+class Measurement:
+    """Runs the measurement of one process's shard with a built trainer."""
+
+    def __init__(self, trainer: TGPOTrainer, script_args: GapReportArguments):
+        self.trainer, self.args = trainer, script_args
+        self.accelerator = trainer.accelerator
+        self.tokenizer = trainer._tokenizer
+        self.cross = trainer.teacher_scoring.cross_tokenizer
+        self.top_k = trainer.args.guidance_top_k
+        self.fractions = [float(f) for f in script_args.gap_prefix_fractions]
+        self.max_new_tokens = script_args.gap_prefix_max_new_tokens or trainer.args.max_completion_length
+        self.accumulator = G.GapAccumulator()
+        self.correct_rollouts = self.rollouts = 0
+        self.prefix_correct = {role: {f: 0 for f in self.fractions} for role in ("teacher", "student")}
+        self.prefix_total = 0
+        deepspeed_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        self.synced_gpus = bool(deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3)
+
+    def run(self, rows: list[dict], real: list[bool], progress: bool) -> None:
+        per_batch = self.args.gap_prompts_per_batch
+        batches = range(0, len(rows), per_batch)
+        for start in tqdm(batches, desc="gap report", disable=not progress):
+            self.measure_batch(rows[start : start + per_batch], real[start : start + per_batch])
+
+    def measure_batch(self, prompts: list[dict], real: list[bool]) -> None:
+        trainer = self.trainer
+        num_generations = trainer.num_generations_eval  # the trainer runs in eval mode: no dropout
+        inputs = [dict(row) for row in prompts for _ in range(num_generations)]
+        keep = torch.tensor([flag for flag in real for _ in range(num_generations)], dtype=torch.bool)
+        guidance = trainer.guidance
+        trainer.guidance = "tgpo_topk"  # so that `score_with_teacher` keeps the teacher's top-k (nothing is trained)
+        try:
+            with _CapturedRewards(trainer) as rewards:
+                output = trainer._generate_and_score_completions(inputs)
+        finally:
+            trainer.guidance = guidance
+        device = output["completion_ids"].device
+        keep = keep.to(device)
+        ok = correct(trainer, rewards.last, self.args.gap_correct_reward)
+        self.correct_rollouts += int((ok & keep).sum())
+        self.rollouts += int(keep.sum())
+
+        completion_ids, completion_mask = output["completion_ids"], trainer._loss_mask(output)
+        target_ids = torch.cat([output["teacher_argmax"].unsqueeze(-1), output["teacher_topk_ids"]], dim=-1)
+        model = self.accelerator.unwrap_model(trainer.model)
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        student = G.student_statistics(
+            model, output["prompt_ids"], output["prompt_mask"], completion_ids, completion_mask, target_ids,
+            trainer.temperature, self.top_k, trainer._forward_batch_size, autocast=self.accelerator.autocast,
+        )
+        teacher = {key: value for key, value in output.items() if key.startswith("teacher_")}
+        stats = G.token_gap(completion_ids, completion_mask, teacher, student.logps, student.target_logps[..., 0],
+                            student.target_logps[..., 1:], student.topk_ids)
+        rows = keep.nonzero().squeeze(-1)
+        self.accumulator.update({name: (v[rows], m[rows]) for name, (v, m) in stats.items()}, completion_mask[rows])
+        self.measure_prefixes(inputs, output, keep, num_generations)
+
+    def measure_prefixes(self, inputs, output, keep, num_generations) -> None:
+        """The teacher and the student each greedily finish the same student prefixes; scored by the run's rewards."""
+        trainer = self.trainer
+        picked = [i for i in range(len(inputs)) if i % num_generations < self.args.gap_prefix_rollouts]
+        index = torch.tensor(picked, device=output["completion_ids"].device)
+        completion_ids, completion_mask = output["completion_ids"][index], output["completion_mask"][index]
+        prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(output["prompt_ids"][index], output["prompt_mask"][index],
+                                                              strict=True)]
+        rows = [ids[: int(n)] for ids, n in zip(completion_ids.tolist(), completion_mask.sum(-1).tolist(), strict=True)]
+        examples = [inputs[i] for i in picked]
+        kept = keep[index]
+        self.prefix_total += int(kept.sum())
+        for fraction in self.fractions:
+            cuts = G.prefix_lengths(completion_ids, completion_mask, trainer.eos_token_ids, fraction)
+            heads = [[t for t in row if t not in trainer.eos_token_ids][:cut] for row, cut in zip(rows, cuts, strict=True)]
+            for role in ("teacher", "student"):
+                texts, ids = self.finish(role, examples, prompt_ids, heads)
+                prompts = [example["prompt"] for example in examples]
+                if prompts and not isinstance(prompts[0], str):
+                    completions = [[{"role": "assistant", "content": text}] for text in texts]
+                else:
+                    completions = texts
+                rewards = trainer._calculate_rewards(examples, prompts, completions, ids)
+                ok = correct(trainer, rewards, self.args.gap_correct_reward)
+                self.prefix_correct[role][fraction] += int((ok & kept).sum())
+
+    def finish(self, role, examples, prompt_ids, heads) -> tuple[list[str], list[list[int]]]:
+        """Completion texts (prefix + greedy continuation) and their student ids."""
+        trainer = self.trainer
+        tokenizer = self.tokenizer
+        if role == "student" or not self.cross:
+            # A shared vocabulary: both models continue the student's own ids
+            if role == "student":
+                from trl.models.utils import unwrap_model_for_generation
+
+                context = unwrap_model_for_generation(trainer.model_wrapped, self.accelerator,
+                                                      gather_deepspeed3_params=trainer.args.ds3_gather_for_generation)
+            else:
+                context = _Unwrapped(self.accelerator.unwrap_model(trainer.teacher_model))
+            with context as model, torch.no_grad():
+                continuations = _greedy(model, [p + h for p, h in zip(prompt_ids, heads, strict=True)],
+                                        tokenizer.pad_token_id, list(trainer.eos_token_ids), self.max_new_tokens,
+                                        trainer._forward_batch_size, self.synced_gpus)
+            ids = [h + c for h, c in zip(heads, continuations, strict=True)]
+            return tokenizer.batch_decode(ids, skip_special_tokens=True), ids
+        # Another tokenizer: the teacher reads the prompt rendered its way and the prefix's text in its own tokens
+        alignment = trainer.teacher_scoring.alignment
+        teacher_tokenizer = alignment.teacher_tokenizer
+        head_texts = [alignment.student.text(head) for head in heads]
+        prefixes = []
+        for example, text in zip(examples, head_texts, strict=True):
+            prompt = example["prompt"]
+            rendered = render_prompt(teacher_tokenizer, prompt)
+            prompt_part = teacher_tokenizer(rendered, add_special_tokens=isinstance(prompt, str))["input_ids"]
+            prefixes.append(prompt_part + (teacher_tokenizer(text, add_special_tokens=False)["input_ids"] if text else []))
+        ends = [i for i in {alignment.teacher_end[True], alignment.teacher_end[False]} if i is not None]
+        model = self.accelerator.unwrap_model(trainer.teacher_model)
+        with torch.no_grad():
+            continuations = _greedy(model, prefixes, alignment.teacher_pad, ends, self.max_new_tokens,
+                                    trainer._forward_batch_size, self.synced_gpus)
+        texts = [head + teacher_tokenizer.decode(c, skip_special_tokens=True)
+                 for head, c in zip(head_texts, continuations, strict=True)]
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        return texts, ids
+
+    def state(self) -> dict:
+        return {"accumulator": self.accumulator.state(), "correct_rollouts": self.correct_rollouts,
+                "rollouts": self.rollouts, "prefix_correct": self.prefix_correct, "prefix_total": self.prefix_total}
+
+
+class _Unwrapped:
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        return self.model
+
+    def __exit__(self, *exc):
+        return False
+
+
+def shard(dataset, num_processes: int, process_index: int, per_batch: int) -> tuple[list[dict], list[bool]]:
+    """This process's contiguous share of the prompts, padded (with its last prompt, marked not real) to the same
+    number of generation batches on every process, since generation and rewards are collective calls."""
+    rows = [dataset[i] for i in range(len(dataset))]
+    size = math.ceil(len(rows) / num_processes)
+    mine = rows[process_index * size : (process_index + 1) * size]
+    target = math.ceil(size / per_batch) * per_batch
+    filler = mine[-1] if mine else rows[-1]
+    return mine + [filler] * (target - len(mine)), [True] * len(mine) + [False] * (target - len(mine))
+
+
+def measure(trainer: TGPOTrainer, dataset, script_args: GapReportArguments) -> dict | None:
+    """Measure every process's shard, gather, and return the report on the main process (None elsewhere)."""
+    from accelerate.utils import gather_object
+
+    accelerator = trainer.accelerator
+    trainer.model.eval()
+    torch.manual_seed(trainer.args.seed + accelerator.process_index)
+    rows, real = shard(dataset, accelerator.num_processes, accelerator.process_index, script_args.gap_prompts_per_batch)
+    measurement = Measurement(trainer, script_args)
+    started = time.perf_counter()
+    measurement.run(rows, real, progress=accelerator.is_main_process)
+    states = gather_object([measurement.state()])
+    if not accelerator.is_main_process:
+        return None
+    return assemble(states, trainer, script_args, time.perf_counter() - started)
+
+
+def assemble(states: list[dict], trainer, script_args, seconds: float) -> dict:
+    """The report from every process's state: means at the top level, distributions beside them, and the verdict."""
+    accumulator = G.GapAccumulator.merge([s["accumulator"] for s in states])
+    rollouts = sum(s["rollouts"] for s in states)
+    prefix_total = sum(s["prefix_total"] for s in states)
+    fractions = [float(f) for f in script_args.gap_prefix_fractions]
+    prefix = {role: {str(f): sum(s["prefix_correct"][role][f] for s in states) / max(1, prefix_total)
+                     for f in fractions} for role in ("teacher", "student")}
+    args = trainer.args
+    report = {name: accumulator.mean(name) for name in G.TOKEN_METRICS}
+    report.update({
+        "aligned_ratio": accumulator.aligned_ratio,
+        "student_accuracy": sum(s["correct_rollouts"] for s in states) / max(1, rollouts),
+        "teacher_prefix_accuracy": prefix["teacher"],
+        "student_prefix_accuracy": prefix["student"],
+    })
+    report["verdict"] = G.gap_verdict(report, args.guidance_coef)
+    report["distributions"] = {name: accumulator.summary(name) for name in G.TOKEN_METRICS}
+    report["settings"] = {
+        "student": get_name(trainer.model), "teacher": trainer.teacher_source.name_or_path if trainer.teacher_source else None,
+        "cross_tokenizer": trainer.teacher_scoring.cross_tokenizer, "prompts": len(trainer.train_dataset),
+        "rollouts": rollouts, "rollouts_per_prompt": trainer.num_generations_eval,
+        "completion_tokens": accumulator.completion_tokens, "temperature": args.temperature,
+        "max_completion_length": args.max_completion_length, "top_k": args.guidance_top_k,
+        "reward_funcs": list(trainer.reward_func_names), "correct_reward": script_args.gap_correct_reward,
+        "prefix_fractions": fractions, "prefix_rollouts": prefix_total,
+        "prefix_max_new_tokens": script_args.gap_prefix_max_new_tokens or args.max_completion_length,
+        "guidance": args.guidance, "guidance_coef": args.guidance_coef, "processes": trainer.accelerator.num_processes,
+        "seconds": round(seconds, 1), "negative_feedback_nats": G.NEGATIVE_FEEDBACK_NATS,
+    }
+    return report
+
+
+def get_name(model) -> str:
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+
+
+# ------------------------------------------------------------------ writing
+
+
+def write_report(report: dict, output_dir: str) -> list[Path]:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_JSON).write_text(json.dumps(report, indent=1))
+    plots = write_plots(report, out)
+    (out / REPORT_MD).write_text(render_markdown(report, [p.name for p in plots]))
+    return [out / REPORT_JSON, out / REPORT_MD, *plots]
+
+
+LABELS = {
+    "reverse_kl": "reverse KL `log p_s(y_t) - log p_T(y_t)` (nats)", "mismatch_ratio": "mismatch `argmax p_T != y_t`",
+    "off_support_ratio": "off support `y_t not in top-k(p_T)`", "guidance_loss": "guidance loss `-log p_s(argmax p_T)`",
+    "teacher_confidence": "teacher confidence `max p_T`", "topk_overlap": "top-k overlap",
+    "shared_mass": "shared mass on the teacher's top-k", "negative_feedback": f"share with `r_t > {G.NEGATIVE_FEEDBACK_NATS:g}`",
+}
+
+
+def render_markdown(report: dict, plots: list[str]) -> str:
+    s = report["settings"]
+    lines = [
+        "# Gap report", "",
+        f"Student `{s['student']}`, teacher `{s['teacher']}`"
+        + (" (another tokenizer: cross-tokenizer scoring)" if s["cross_tokenizer"] else "") + ".",
+        (f"{s['prompts']} prompts x {s['rollouts_per_prompt']} rollouts at temperature {s['temperature']} "
+        f"(max {s['max_completion_length']} tokens), {s['completion_tokens']} completion tokens; top-k {s['top_k']}; "
+        f"{s['processes']} process(es), {s['seconds']} s."), "",
+        "## Verdict", "", report["verdict"]["text"], "",
+        f"Suggested: `guidance={report['verdict']['suggested_guidance']}`"
+        + (f", `guidance_coef={report['verdict']['suggested_guidance_coef']:g}`"
+           if report["verdict"]["suggested_guidance_coef"] is not None else "") + ".", "",
+        "## Token level (student's rollouts)", "",
+        "| statistic | mean | p5 | p25 | median | p75 | p95 | first 10% | last 10% | tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in G.TOKEN_METRICS:
+        d = report["distributions"][name]
+        binary = name in G.BINARY_METRICS  # 0/1 per token: the quantiles of its per-completion share say more
+        q = d["sequence_quantiles"] if binary else d["quantiles"]
+        pos = d["by_position"]
+        lines.append(f"| {LABELS[name]}{' *' if binary else ''} | {_f(d['mean'])} | "
+                     + " | ".join(_f(q.get(str(p))) for p in G.QUANTILES)
+                     + f" | {_f(pos[0])} | {_f(pos[-1])} | {d['tokens']} |")
+    lines += ["", f"`gap/aligned_ratio` (completion tokens with a teacher target): {_f(report['aligned_ratio'])}.", "",
+              ("Quantiles are read off fixed-width histogram bins (their centre). * A 0/1 statistic: its quantiles are "
+              "those of its share per completion."), "",
+              "## Sequence level", "",
+              (f"Student accuracy on its own rollouts (weighted reward >= {s['correct_reward']:g}, rewards "
+              f"{', '.join(s['reward_funcs'])}): {report['student_accuracy']:.1%}."), "",
+              (f"From the same student prefixes ({s['prefix_rollouts']} rollouts, cut after a share of their tokens, "
+              f"greedy, at most {s['prefix_max_new_tokens']} new tokens):"), "",
+              "| cut | teacher finishes | student finishes |", "|---|---|---|"]
+    for key in report["teacher_prefix_accuracy"]:
+        lines.append(f"| {float(key):.0%} | {report['teacher_prefix_accuracy'][key]:.1%} | "
+                     f"{report['student_prefix_accuracy'][key]:.1%} |")
+    lines += ["", "## Along the completion (mean per tenth of the completion)", "",
+              "| statistic | " + " | ".join(f"{10 * i}-{10 * (i + 1)}%" for i in range(G.POSITION_BINS)) + " |",
+              "|---|" + "---|" * G.POSITION_BINS]
+    for name in G.TOKEN_METRICS:
+        lines.append(f"| {name} | " + " | ".join(_f(v) for v in report["distributions"][name]["by_position"]) + " |")
+    lines += ["", *[f"![{p}]({p})" for p in plots], "",
+              "Thresholds (docs/gap_report.md says where they come from): "
+              + ", ".join(f"{k}={v}" for k, v in report["verdict"]["thresholds"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _f(value) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def write_plots(report: dict, out: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("gap_report.py: matplotlib is not installed, no plots written (pip install matplotlib)")
+        return []
+    d = report["distributions"]["reverse_kl"]
+    edges, counts = d["histogram"]["edges"], d["histogram"]["counts"]
+    nonzero = [i for i, c in enumerate(counts) if c]
+    lo, hi = (nonzero[0], nonzero[-1] + 1) if nonzero else (0, len(counts))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.stairs(counts[lo:hi], edges[lo : hi + 1], fill=True)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.axvline(G.NEGATIVE_FEEDBACK_NATS, color="r", lw=0.8, ls="--", label=f"r_t = {G.NEGATIVE_FEEDBACK_NATS:g}")
+    ax.set_xlabel("log p_s(y_t) - log p_T(y_t)  (nats, per completion token)")
+    ax.set_ylabel("tokens")
+    ax.set_title(f"Per-token log-ratio (mean {_f(d['mean'])})")
+    ax.legend()
+    fig.tight_layout()
+    paths = [out / PLOT_LOG_RATIO]
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    x = [(i + 0.5) / G.POSITION_BINS for i in range(G.POSITION_BINS)]
+    for name in ("reverse_kl", "guidance_loss"):
+        axes[0].plot(x, _nan(report["distributions"][name]["by_position"]), marker="o", label=name)
+    axes[0].set_ylabel("nats per token")
+    for name in ("mismatch_ratio", "off_support_ratio", "teacher_confidence", "topk_overlap", "shared_mass"):
+        axes[1].plot(x, _nan(report["distributions"][name]["by_position"]), marker="o", label=name)
+    axes[1].set_ylim(0, 1)
+    for ax in axes:
+        ax.set_xlabel("relative position in the completion")
+        ax.legend(fontsize=8)
+    fig.suptitle("The gap along the completion")
+    fig.tight_layout()
+    paths.append(out / PLOT_POSITIONS)
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def _nan(values):
+    return [math.nan if v is None else v for v in values]
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def cli(argv: list[str] | None = None) -> dict | None:
+    """Bad input stops here with one line naming the field, before any model is loaded."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        script_args, training_args, model_args = parse_args(argv)
+        reward_funcs = train.load_reward_funcs(script_args.reward_funcs)
+        processing_class = None
+        if script_args.demo_size is None:
+            if not model_args.model_name_or_path:
+                raise ValueError("No student model: set --model_name_or_path (or run with no arguments for the demo)")
+            if not training_args.teacher_model_name_or_path:
+                raise ValueError("The gap report needs a teacher: set --teacher_model_name_or_path")
+            train_dataset, _ = train.load_datasets(script_args, training_args, model_args)
+            from datasets import Dataset, IterableDataset
+
+            if isinstance(train_dataset, IterableDataset):  # streamed: the first prompts
+                train_dataset = Dataset.from_list(list(train_dataset.take(script_args.gap_num_prompts)))
+            else:
+                train_dataset = train_dataset.select(range(min(script_args.gap_num_prompts, len(train_dataset))))
+    except ValueError as error:
+        raise SystemExit(f"gap_report.py: error: {error}") from None
+    if script_args.demo_size is not None:
+        train_dataset, processing_class = demo_inputs(script_args, training_args, model_args)
+    trainer = build_trainer(training_args, model_args, reward_funcs, train_dataset, processing_class)
+    report = measure(trainer, train_dataset, script_args)
+    if report is not None:
+        paths = write_report(report, training_args.output_dir)
+        print(report["verdict"]["text"])
+        print("Written: " + ", ".join(map(str, paths)))
+    if hasattr(trainer, "end"):
+        trainer.end()
+    return report
+
+
+if __name__ == "__main__":
+    cli()
