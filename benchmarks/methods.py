@@ -12,8 +12,9 @@ Regimes (models from `tgpo_trl.demo.build`, task: the sum of three two-digit num
 - `small_gap`: the same student trained on the teacher's own writing (its family, only weaker);
 - `cross_tokenizer` (not run by default: `--regimes cross_tokenizer --report-name methods_cross_tokenizer`): the
   small-gap student with the demo teacher rebuilt as another model family, a Llama with a byte-level BPE that merges
-  digits and separators (`tgpo_trl.demo.build.build_cross_tokenizer_teacher`): the teacher's guidance reaches the
-  character-level student through cross-tokenizer scoring, at the positions where both tokenizations start a token.
+  digits and separators into tokens of their own (`tgpo_trl.demo.build.build_cross_tokenizer_teacher`): the
+  teacher's guidance reaches the character-level student through cross-tokenizer scoring, at the positions where both
+  tokenizations start a token.
 
 Methods, with the same steps, batch, learning rate, rollouts and seeds:
 - `grpo`: `guidance="none"` (the teacher is only scored, for the `gap/*` metrics);
