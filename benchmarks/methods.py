@@ -72,6 +72,7 @@ FULL = {
     "decay_fraction": 2 / 3,
     "opd_coef": 1.0,
     "guidance_top_k": 20,
+    "cross_tokenizer_targets": "sync",
     "reward": "format",
     "eval_every": 50,
     "eval_size": 200,
@@ -165,6 +166,7 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
         warmup_steps=0,
         loss_type=settings["loss_type"],
         guidance_top_k=settings["guidance_top_k"],
+        cross_tokenizer_targets=settings.get("cross_tokenizer_targets", "sync"),
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -451,6 +453,8 @@ def parse_args(argv=None):
     p.add_argument("--loss-type", default=None)
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature of the rollouts")
     p.add_argument("--reward", default=None, choices=["format", "exact_match"])
+    p.add_argument("--cross-tokenizer-targets", default=None, choices=["sync", "continuation"],
+                   help="where the cross_tokenizer regime's teacher gives targets (TGPOConfig.cross_tokenizer_targets)")
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--eval-size", type=int, default=None)
     p.add_argument("--jobs", type=int, default=None,
@@ -472,7 +476,7 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     settings = dict(QUICK if a.quick else FULL)
     for key in ("steps", "learning_rate", "guidance_coef", "guidance_schedule", "decay_fraction", "loss_type", "temperature",
-                "reward", "eval_every",
+                "reward", "eval_every", "cross_tokenizer_targets",
                 "eval_size", "seeds"):
         value = getattr(a, key)
         if value is not None:

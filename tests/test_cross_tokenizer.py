@@ -326,3 +326,51 @@ def test_unmatched_teacher_token_maps_to_the_longest_student_prefix():
     assert VocabularyMap(teacher, student, [], None, 3).teacher_to_student.tolist() == [0, 1, 2, 2, 1, 2]
     # a student id beyond the student's rows is never a target
     assert VocabularyMap(teacher, student, [], None, 2).teacher_to_student.tolist() == [0, 1, 0, 0, 1, 0]
+
+
+# ------------------------------------------------------------------ continuation targets
+
+
+def test_continuation_targets_inside_teacher_tokens_as_worked_by_hand(tmp_path, char_student_tokenizer):
+    teacher = byte_level_teacher_tokenizer(tmp_path / "teacher")
+    alignment = CrossTokenizerAlignment(char_student_tokenizer, teacher, len(char_student_tokenizer),
+                                        targets="continuation")
+    ids = torch.tensor([student_ids(char_student_tokenizer, TEXT)])
+    batch = alignment.teacher_batch([[{"role": "user", "content": "1+2="}]], ids, torch.ones_like(ids))
+    # inside ' ca' at offsets 1, 2; inside '12' and '34' at offset 1
+    assert batch.cover_index[0].tolist() == [-1, 0, 0, -1, -1, -1, -1, -1, -1, 8, -1, -1, 10, -1, -1, -1, -1]
+    assert batch.cover_offset[0][[1, 2, 9, 12]].tolist() == [1, 2, 1, 1]
+    t_ids = batch.completion_ids
+    argmax = t_ids.clone()
+    argmax[0, 10] = teacher.convert_tokens_to_ids("12")  # at '34' the teacher predicts '12', which the text denies
+    scores = TeacherScores(logps=torch.zeros(t_ids.shape), argmax=argmax, valid=torch.ones_like(t_ids, dtype=torch.bool))
+    mapped = alignment.to_student(scores, batch)
+    s = char_student_tokenizer.convert_tokens_to_ids
+    aligned = mapped.aligned[0].tolist()
+    assert aligned == [True, True, True, True, True, True, False, True, True, True, True, True, False, True, True,
+                       True, True]
+    # ' ca' continues as 'c', 'a'; '12' as '2'; position 11 is a sync point whose predicted '12' maps to '1'
+    assert [mapped.argmax[0, t].item() for t in (1, 2, 9, 11)] == [s("c"), s("a"), s("2"), s("1")]
+    # sync-point targets are unchanged by the rule
+    sync_only = CrossTokenizerAlignment(char_student_tokenizer, teacher, len(char_student_tokenizer))
+    sync_batch = sync_only.teacher_batch([[{"role": "user", "content": "1+2="}]], ids, torch.ones_like(ids))
+    sync_mapped = sync_only.to_student(scores, sync_batch)
+    both = sync_mapped.aligned[0]
+    assert torch.equal(mapped.argmax[0][both], sync_mapped.argmax[0][both]) and mapped.aligned[0][both].all()
+
+
+def test_continuation_targets_train_every_target_mode(tmp_path, student, tokenizer, dataset, bpe_teacher_dir):
+    ratios = {}
+    for rule in ("sync", "continuation"):
+        for mode in ("tgpo", "tgpo_topk", "tgpo_sample"):
+            trainer = make_trainer(tmp_path / rule / mode, student, None, tokenizer, dataset, guidance=mode,
+                                   teacher_model_name_or_path=bpe_teacher_dir, cross_tokenizer_targets=rule,
+                                   guidance_top_k=5, max_steps=1)
+            (log,) = train_logs(trainer)
+            assert math.isfinite(log["guidance/loss"]) and log["guidance/loss"] != 0
+            ratios[rule, mode] = log["gap/aligned_ratio"]
+    assert ratios["continuation", "tgpo"] > ratios["sync", "tgpo"]  # more positions guided
+    with pytest.raises(ValueError, match="cross_tokenizer_targets"):
+        from tgpo_trl import TGPOConfig
+
+        TGPOConfig(output_dir="unused", use_cpu=True, cross_tokenizer_targets="inside")

@@ -28,6 +28,8 @@ from transformers import PreTrainedTokenizerBase
 from .lm_head import TeacherScores
 
 
+# Where a student position gets a teacher target: only at sync points (the rule), or also inside a teacher token
+TARGET_RULES = ("sync", "continuation")
 # The finite stand-in for "no probability" in merged top-k slots: exp() of it is exactly 0 in fp32, and unlike -inf
 # it never turns `0 * log 0` into NaN
 NO_MASS = -1e4
@@ -186,7 +188,8 @@ class VocabularyMap:
         for index, piece in enumerate(student.pieces[:student_rows]):  # ids the student can emit
             if piece is not None and piece not in by_bytes:
                 by_bytes[piece] = index
-        longest = max((len(piece) for piece in by_bytes), default=0)
+        self.by_bytes, self.longest = by_bytes, max((len(piece) for piece in by_bytes), default=0)
+        self.student_special = student.special
         table = np.full(len(teacher.pieces), -1, dtype=np.int64)
         exact = 0
         for index, piece in enumerate(teacher.pieces):
@@ -196,10 +199,7 @@ class VocabularyMap:
             if match is not None:
                 exact += 1
             elif not teacher.special[index]:
-                for size in range(min(len(piece) - 1, longest), 0, -1):  # the longest proper prefix first
-                    match = by_bytes.get(piece[:size])
-                    if match is not None:
-                        break
+                match = self.longest_prefix(piece[:-1])
             if match is not None:
                 table[index] = match
         if student_eos_id is not None:
@@ -212,6 +212,14 @@ class VocabularyMap:
     def __call__(self, teacher_ids: torch.Tensor) -> torch.Tensor:
         table = self.teacher_to_student.to(teacher_ids.device)
         return table[teacher_ids.clamp(min=0, max=len(table) - 1)]
+
+    def longest_prefix(self, data: bytes) -> int | None:
+        """The id of the longest student text token that `data` starts with, or None."""
+        for size in range(min(len(data), self.longest), 0, -1):
+            match = self.by_bytes.get(data[:size])
+            if match is not None and not self.student_special[match]:
+                return match
+        return None
 
 
 @dataclass
@@ -227,6 +235,12 @@ class TeacherBatch:
     group_index: torch.Tensor  # (B, T_s): the student token's group, -1 outside every closed group
     group_size: torch.Tensor  # (B, T_s): the number of student tokens in that group
     teacher_group: torch.Tensor  # (B, T_t): each teacher completion token's group, -1 outside every closed group
+    # With continuation targets: the teacher completion token a student token starts inside (-1 if none), the byte
+    # offset of the student token in it, and each row's text bytes and student token start bytes
+    cover_index: torch.Tensor | None = None
+    cover_offset: torch.Tensor | None = None
+    texts: list[bytes] | None = None
+    starts: list | None = None
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt) -> str:
@@ -261,7 +275,10 @@ class CrossTokenizerAlignment:
     vocabulary map and the end-of-turn ids."""
 
     def __init__(self, student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase,
-                 student_rows: int):
+                 student_rows: int, targets: str = "sync"):
+        if targets not in TARGET_RULES:
+            raise ValueError(f"`cross_tokenizer_targets` must be one of {list(TARGET_RULES)}, got {targets!r}.")
+        self.continuation = targets == "continuation"
         self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
         self.student = TokenBytes.of(student_tokenizer, "student")
         self.teacher = TokenBytes.of(teacher_tokenizer, "teacher")
@@ -321,7 +338,18 @@ class CrossTokenizerAlignment:
             if ids:
                 t_prompt[b, num_prompt - len(ids):] = torch.tensor(ids, dtype=torch.long)
                 p_mask[b, num_prompt - len(ids):] = 1
-        return TeacherBatch(*(x.to(device) for x in (t_prompt, p_mask, t_completion, t_mask, sync, group, size, t_group)))
+        batch_view = TeacherBatch(*(x.to(device) for x in (t_prompt, p_mask, t_completion, t_mask, sync, group, size,
+                                                           t_group)))
+        if self.continuation:
+            cover, offset = full((batch, num_student), -1), full((batch, num_student), 0)
+            for b, row in enumerate(rows):
+                n_s = len(row["cover"])
+                cover[b, :n_s] = torch.from_numpy(row["cover"])
+                offset[b, :n_s] = torch.from_numpy(row["offset"])
+            batch_view.cover_index, batch_view.cover_offset = cover.to(device), offset.to(device)
+            batch_view.texts = [row["text"] for row in rows]
+            batch_view.starts = [row["starts"].tolist() for row in rows]
+        return batch_view
 
     def _align_row(self, student_ids: list[int], stop: int, teacher_ids: list[int], teacher_end: int | None) -> dict:
         """
@@ -361,6 +389,17 @@ class CrossTokenizerAlignment:
         hit[hit] = t_start[positive[where[hit]]] == s_start[hit]
         hit &= (s_lengths > 0) & (s_start < agreed)
         sync[: len(s_lengths)][hit] = positive[where[hit]]
+        extra = {}
+        if self.continuation:
+            # a student token that starts inside a teacher token of positive length (not at its first byte)
+            cover, offset = np.full(num_student, -1, dtype=np.int64), np.zeros(num_student, dtype=np.int64)
+            inner = np.searchsorted(t_start[positive], s_start, side="right") - 1
+            inside = (inner >= 0) & ~hit & (s_lengths > 0) & (s_start < agreed)
+            inside &= ~self.student.special[student_ids[: len(s_lengths)]] if len(s_lengths) else inside
+            inside[inside] &= s_start[inside] < t_end[positive[inner[inside]]]
+            cover[: len(s_lengths)][inside] = positive[inner[inside]]
+            offset[: len(s_lengths)][inside] = s_start[inside] - t_start[positive[inner[inside]]]
+            extra = {"cover": cover, "offset": offset, "text": s_bytes, "starts": s_start}
         # groups: spans between consecutive byte positions where both streams have a token boundary, closed within
         # the agreed bytes
         boundaries = np.intersect1d(np.concatenate([s_start, s_end]), np.concatenate([t_start, t_end]))
@@ -377,23 +416,33 @@ class CrossTokenizerAlignment:
             teacher_group = np.searchsorted(boundaries, t_start, side="right") - 1
             t_closed = (t_end <= boundaries[-1]) & (teacher_group >= 0)
             t_group[t_closed] = teacher_group[t_closed]
-        return {"teacher_ids": teacher_ids, "sync": sync, "group": group, "size": size, "teacher_group": t_group}
+        return {"teacher_ids": teacher_ids, "sync": sync, "group": group, "size": size, "teacher_group": t_group,
+                **extra}
 
     # ------------------------------------------------------------------ the teacher's scores in student positions
 
     def to_student(self, scores: TeacherScores, batch: TeacherBatch) -> TeacherScores:
         """Map `(B, T_t)` teacher scores of the teacher's own completion tokens to the student's `(B, T_s)` positions."""
-        sync = batch.sync_index
-        at_sync = sync.clamp(min=0)
-        aligned = sync >= 0
+        at_sync, aligned = batch.sync_index.clamp(min=0), batch.sync_index >= 0
+        inside = batch.cover_index >= 0 if batch.cover_index is not None else torch.zeros_like(aligned)
+        at_cover = batch.cover_index.clamp(min=0) if batch.cover_index is not None else at_sync
 
-        def gather(values):
-            index = at_sync if values.dim() == 2 else at_sync.unsqueeze(-1).expand(-1, -1, values.size(-1))
-            return values.gather(1, index)
+        def targets(teacher_ids):
+            """Student target ids `(B, T_s[, K])` and where they exist: the mapped teacher token at a sync point; with
+            continuation targets, inside a teacher token, the rest of its bytes when they continue the text."""
+            at_sync_ids = _gather(teacher_ids, at_sync)
+            ids = self.vocabulary(at_sync_ids)
+            finite = _gather(scores.valid, at_sync) & aligned
+            ok = (ids >= 0) & (finite if ids.dim() == 2 else finite.unsqueeze(-1))
+            if inside.any():
+                continued = self._continuations(_gather(teacher_ids, at_cover), batch, inside)
+                finite_inside = _gather(scores.valid, at_cover) & inside
+                ok_inside = (continued >= 0) & (finite_inside if ids.dim() == 2 else finite_inside.unsqueeze(-1))
+                ids = torch.where(ok_inside, continued, ids)
+                ok = ok | ok_inside
+            return torch.where(ok, ids, 0), ok
 
-        finite = gather(scores.valid) & aligned
-        argmax = self.vocabulary(gather(scores.argmax))
-        target = finite & (argmax >= 0)
+        argmax, target = targets(scores.argmax)
         # log p_T of each closed group: the sum over its teacher tokens, spread over its student tokens
         t_group = batch.teacher_group
         num_groups = int(max(t_group.max().item(), batch.group_index.max().item())) + 1 if t_group.numel() else 0
@@ -407,21 +456,46 @@ class CrossTokenizerAlignment:
         in_group = s_group >= 0
         logps = group_logps.gather(1, s_group.clamp(min=0)) / batch.group_size
         valid = in_group & (bad_counts.gather(1, s_group.clamp(min=0)) == 0)
-        result = {
-            "logps": torch.where(valid, logps, 0.0),
-            "argmax": torch.where(target, argmax, 0),
-            "valid": valid,
-            "aligned": target,
-        }
+        result = {"logps": torch.where(valid, logps, 0.0), "argmax": argmax, "valid": valid, "aligned": target}
         if scores.sample is not None:
-            sample = self.vocabulary(gather(scores.sample))
-            result["sample"] = torch.where(target & (sample >= 0), sample, 0)
-            result["aligned"] = target & (sample >= 0)
+            result["sample"], result["aligned"] = targets(scores.sample)
         if scores.topk_ids is not None:
-            ids, logps_k, slot_valid = merge_topk(self.vocabulary(gather(scores.topk_ids)), gather(scores.topk_logps))
+            ids, ok = targets(scores.topk_ids)
+            where = torch.where(aligned.unsqueeze(-1), at_sync.unsqueeze(-1), at_cover.unsqueeze(-1))
+            topk_logps = scores.topk_logps.gather(1, where.expand(-1, -1, scores.topk_logps.size(-1)))
+            ids, logps_k, slot_valid = merge_topk(torch.where(ok, ids, -1), topk_logps)
             result["topk_ids"], result["topk_logps"] = ids, logps_k
             result["topk_valid"] = slot_valid & target.unsqueeze(-1)
         return TeacherScores(**result)
+
+    def _continuations(self, teacher_ids: torch.Tensor, batch: TeacherBatch, inside: torch.Tensor) -> torch.Tensor:
+        """At the student positions `inside` a teacher token: the longest student token that the rest of
+        `teacher_ids`' bytes (`(B, T_s)` or `(B, T_s, K)`, the teacher's tokens predicted where that teacher token
+        starts) start with, when their first bytes are the text's up to this position; -1 otherwise."""
+        out = torch.full_like(teacher_ids, -1)
+        values, offsets = teacher_ids.tolist(), batch.cover_offset.tolist()
+        for b, t in inside.nonzero().tolist():
+            offset, text = offsets[b][t], batch.texts[b]
+            start = batch.starts[b][t]
+            written = text[start - offset: start]  # the text from the teacher token's first byte to this position
+            for k, index in enumerate(values[b][t] if teacher_ids.dim() == 3 else [values[b][t]]):
+                piece = self.teacher.pieces[index] if 0 <= index < len(self.teacher.pieces) else None
+                if piece is None or self.teacher.special[index] or len(piece) <= offset or piece[:offset] != written:
+                    continue
+                match = self.vocabulary.longest_prefix(piece[offset:])
+                if match is not None:
+                    if teacher_ids.dim() == 3:
+                        out[b, t, k] = match
+                    else:
+                        out[b, t] = match
+        return out
+
+
+def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`values[b, index[b, t]]` (with any trailing dimension kept)."""
+    if values.dim() == 3:
+        index = index.unsqueeze(-1).expand(-1, -1, values.size(-1))
+    return values.gather(1, index)
 
 
 def merge_topk(ids: torch.Tensor, logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -459,8 +533,8 @@ class CrossTokenizer:
 
     cross_tokenizer = True
 
-    def __init__(self, student_tokenizer, teacher_tokenizer, student_rows: int):
-        self.alignment = CrossTokenizerAlignment(student_tokenizer, teacher_tokenizer, student_rows)
+    def __init__(self, student_tokenizer, teacher_tokenizer, student_rows: int, targets: str = "sync"):
+        self.alignment = CrossTokenizerAlignment(student_tokenizer, teacher_tokenizer, student_rows, targets)
 
     def score(self, run, prompts, prompt_ids, prompt_mask, completion_ids, completion_mask) -> TeacherScores:
         if prompts is None:

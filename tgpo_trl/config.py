@@ -15,6 +15,7 @@ CHECKPOINTING_FIELD = (
 
 GUIDANCE_MODES = ("tgpo", "tgpo_sample", "tgpo_topk", "rkl_topk", "rkl_k3", "kdrl", "opd", "none")
 GUIDANCE_SCHEDULES = ("linear", "constant")
+CROSS_TOKENIZER_TARGETS = ("sync", "continuation")
 
 
 @dataclass
@@ -61,6 +62,11 @@ class TGPOConfig(GRPOConfig):
             `D`, the number of optimizer steps over which the linear schedule decays to zero.
         guidance_top_k (`int`, *optional*, defaults to `20`):
             Number of teacher tokens kept per position by `"tgpo_topk"` and `"rkl_topk"`.
+        cross_tokenizer_targets (`str`, *optional*, defaults to `"sync"`):
+            With a teacher of another tokenizer, where a student position gets a teacher target. `"sync"`: only where
+            the student's token starts at the first byte of a teacher token. `"continuation"`: also inside a teacher
+            token, the rest of the bytes of the teacher's predicted token there, when they continue the text written
+            so far (docs/method.md). Ignored with a shared tokenizer.
         use_task_reward (`bool`, *optional*, defaults to `True`):
             Whether to keep the GRPO policy term driven by the reward functions. `False` trains on the guidance alone
             (pure distillation); rewards are still computed and logged.
@@ -118,6 +124,12 @@ class TGPOConfig(GRPOConfig):
         default=20,
         metadata={"help": "Teacher tokens kept per position by the 'tgpo_topk' and 'rkl_topk' guidance (>= 1)."},
     )
+    cross_tokenizer_targets: str = field(
+        default="sync",
+        metadata={"help": "With a teacher of another tokenizer: 'sync' (targets where both tokenizations start a "
+                  "token) or 'continuation' (also inside a teacher token, from the rest of its predicted token).",
+                  "choices": list(CROSS_TOKENIZER_TARGETS)},
+    )
     use_task_reward: bool = field(
         default=True,
         metadata={"help": "Keep the reward-driven GRPO policy term. False trains on the guidance alone."},
@@ -138,6 +150,11 @@ class TGPOConfig(GRPOConfig):
             raise ValueError(f"`guidance_coef` must be >= 0, got {self.guidance_coef}.")
         if self.guidance_decay_steps <= 0:
             raise ValueError(f"`guidance_decay_steps` must be > 0, got {self.guidance_decay_steps}.")
+        if self.cross_tokenizer_targets not in CROSS_TOKENIZER_TARGETS:
+            raise ValueError(
+                f"`cross_tokenizer_targets` must be one of {list(CROSS_TOKENIZER_TARGETS)}, got "
+                f"{self.cross_tokenizer_targets!r}."
+            )
         if self.guidance_top_k < 1:
             raise ValueError(f"`guidance_top_k` must be >= 1, got {self.guidance_top_k}.")
         if not self.use_task_reward and self.guidance == "none":

@@ -123,9 +123,11 @@ def teacher_id_mapping(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
     teacher_tokenizer: PreTrainedTokenizerBase | None,
+    targets: str = "sync",
 ):
     """
-    How the teacher's positions and ids map to the student's, and how many of the teacher's leading ids it scores:
+    How the teacher's positions and ids map to the student's (`targets`: where a position gets a target across
+    tokenizers, `TGPOConfig.cross_tokenizer_targets`), and how many of the teacher's leading ids it scores:
     `(SharedVocabulary(), shared size)` when the tokenizers map ids alike (or the teacher's tokenizer is unknown), else
     `(CrossTokenizer(...), the teacher tokenizer's ids)`, with a one-time log that cross-tokenizer scoring is on.
     """
@@ -133,7 +135,7 @@ def teacher_id_mapping(
     emittable = min(max(student_tokenizer.get_vocab().values()) + 1, student_rows)
     if teacher_tokenizer is None or maps_like_student(student_tokenizer, teacher_tokenizer, emittable):
         return SharedVocabulary(), shared_vocab_size(student_tokenizer, student, teacher, teacher_tokenizer)
-    mapping = CrossTokenizer(student_tokenizer, teacher_tokenizer, emittable)
+    mapping = CrossTokenizer(student_tokenizer, teacher_tokenizer, emittable, targets)
     teacher_rows = teacher.config.get_text_config().vocab_size
     teacher_ids = max(teacher_tokenizer.get_vocab().values()) + 1
     logger.warning(

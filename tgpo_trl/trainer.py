@@ -222,7 +222,7 @@ class TGPOTrainer(GRPOTrainer):
                 teacher, teacher_path, args.teacher_model_revision, args.trust_remote_code
             )
         self.teacher_scoring, self.teacher_vocab_size = teacher_id_mapping(
-            self._tokenizer, self.model, teacher, teacher_processing_class
+            self._tokenizer, self.model, teacher, teacher_processing_class, args.cross_tokenizer_targets
         )
         prepare_teacher(teacher, self.teacher_vocab_size)
         if self.is_deepspeed_enabled:
@@ -377,8 +377,9 @@ class TGPOTrainer(GRPOTrainer):
             )
         if skipped:
             logger.warning_once(
-                "The teacher produced non-finite outputs at some tokens; they are left out of the guidance and counted "
-                "in `guidance/skipped_tokens`."
+                "The teacher gave no usable score at some tokens (a non-finite output or, across tokenizers, a token "
+                "with neither a target nor a group log-probability); they are left out of the guidance and counted in "
+                "`guidance/skipped_tokens`."
             )
 
     def _opd_advantages(self, output: dict[str, Any], old_logps: torch.Tensor) -> torch.Tensor:
