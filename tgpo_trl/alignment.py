@@ -279,7 +279,7 @@ class CrossTokenizerAlignment:
         if targets not in TARGET_RULES:
             raise ValueError(f"`cross_tokenizer_targets` must be one of {list(TARGET_RULES)}, got {targets!r}.")
         self.continuation = targets == "continuation"
-        self.student_tokenizer, self.teacher_tokenizer = student_tokenizer, teacher_tokenizer
+        self.teacher_tokenizer = teacher_tokenizer
         self.student = TokenBytes.of(student_tokenizer, "student")
         self.teacher = TokenBytes.of(teacher_tokenizer, "teacher")
         self.student_eos = student_tokenizer.eos_token_id
@@ -394,8 +394,8 @@ class CrossTokenizerAlignment:
             # a student token that starts inside a teacher token of positive length (not at its first byte)
             cover, offset = np.full(num_student, -1, dtype=np.int64), np.zeros(num_student, dtype=np.int64)
             inner = np.searchsorted(t_start[positive], s_start, side="right") - 1
-            inside = (inner >= 0) & ~hit & (s_lengths > 0) & (s_start < agreed)
-            inside &= ~self.student.special[student_ids[: len(s_lengths)]] if len(s_lengths) else inside
+            text_tokens = ~self.student.special[np.asarray(student_ids[: len(s_lengths)], dtype=np.int64)]
+            inside = (inner >= 0) & ~hit & (s_lengths > 0) & (s_start < agreed) & text_tokens
             inside[inside] &= s_start[inside] < t_end[positive[inner[inside]]]
             cover[: len(s_lengths)][inside] = positive[inner[inside]]
             offset[: len(s_lengths)][inside] = s_start[inside] - t_start[positive[inner[inside]]]

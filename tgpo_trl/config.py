@@ -4,6 +4,8 @@ from typing import Any
 from transformers import TrainingArguments
 from trl import GRPOConfig
 
+from .alignment import TARGET_RULES as CROSS_TOKENIZER_TARGETS
+
 
 # transformers 5.24 renamed `gradient_checkpointing` to `activation_checkpointing` and warns on the old name, which
 # TRL's GRPOConfig still sets (to True) by default. The name of the switch on the installed version:
@@ -15,7 +17,6 @@ CHECKPOINTING_FIELD = (
 
 GUIDANCE_MODES = ("tgpo", "tgpo_sample", "tgpo_topk", "rkl_topk", "rkl_k3", "kdrl", "opd", "none")
 GUIDANCE_SCHEDULES = ("linear", "constant")
-CROSS_TOKENIZER_TARGETS = ("sync", "continuation")
 
 
 @dataclass

@@ -57,6 +57,23 @@ def find_teacher_tokenizer(
         return None
 
 
+def emittable_ids(student_tokenizer: PreTrainedTokenizerBase, student: PreTrainedModel) -> tuple[int, int, int]:
+    """`(emittable, tokenizer ids, output rows)`: the student can emit only ids its tokenizer knows and its output
+    layer has a row for."""
+    tokenizer_ids = max(student_tokenizer.get_vocab().values()) + 1
+    student_rows = student.config.get_text_config().vocab_size
+    return min(tokenizer_ids, student_rows), tokenizer_ids, student_rows
+
+
+def differing_tokens(
+    student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase, emittable: int
+) -> list[str]:
+    """The student tokens, among the ids it can emit, that have another id (or none) in the teacher's tokenizer."""
+    teacher_vocab = teacher_tokenizer.get_vocab()
+    return [token for token, index in student_tokenizer.get_vocab().items()
+            if index < emittable and teacher_vocab.get(token) != index]
+
+
 def shared_vocab_size(
     student_tokenizer: PreTrainedTokenizerBase,
     student: PreTrainedModel,
@@ -74,16 +91,11 @@ def shared_vocab_size(
     rows: its logits are restricted to the emittable ids, so padding rows and tokens the student cannot emit never
     become guidance targets.
     """
-    student_vocab = student_tokenizer.get_vocab()
-    tokenizer_ids = max(student_vocab.values()) + 1
-    student_rows = student.config.get_text_config().vocab_size
-    emittable = min(tokenizer_ids, student_rows)
+    emittable, tokenizer_ids, student_rows = emittable_ids(student_tokenizer, student)
     if teacher_tokenizer is not None:
-        teacher_vocab = teacher_tokenizer.get_vocab()
-        differing = [
-            token for token, index in student_vocab.items() if index < emittable and teacher_vocab.get(token) != index
-        ]
+        differing = differing_tokens(student_tokenizer, teacher_tokenizer, emittable)
         if differing:
+            student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
             examples = ", ".join(
                 f"{token!r}: student id {student_vocab[token]}, teacher id {teacher_vocab.get(token)}"
                 for token in sorted(differing, key=student_vocab.get)[:3]
@@ -109,15 +121,6 @@ def shared_vocab_size(
     return emittable
 
 
-def maps_like_student(
-    student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase, emittable: int
-) -> bool:
-    """Whether every id the student can emit stands for the same token in the teacher's tokenizer."""
-    teacher_vocab = teacher_tokenizer.get_vocab()
-    return all(teacher_vocab.get(token) == index
-               for token, index in student_tokenizer.get_vocab().items() if index < emittable)
-
-
 def teacher_id_mapping(
     student_tokenizer: PreTrainedTokenizerBase,
     student: PreTrainedModel,
@@ -131,9 +134,8 @@ def teacher_id_mapping(
     `(SharedVocabulary(), shared size)` when the tokenizers map ids alike (or the teacher's tokenizer is unknown), else
     `(CrossTokenizer(...), the teacher tokenizer's ids)`, with a one-time log that cross-tokenizer scoring is on.
     """
-    student_rows = student.config.get_text_config().vocab_size
-    emittable = min(max(student_tokenizer.get_vocab().values()) + 1, student_rows)
-    if teacher_tokenizer is None or maps_like_student(student_tokenizer, teacher_tokenizer, emittable):
+    emittable, _, _ = emittable_ids(student_tokenizer, student)
+    if teacher_tokenizer is None or not differing_tokens(student_tokenizer, teacher_tokenizer, emittable):
         return SharedVocabulary(), shared_vocab_size(student_tokenizer, student, teacher, teacher_tokenizer)
     mapping = CrossTokenizer(student_tokenizer, teacher_tokenizer, emittable, targets)
     teacher_rows = teacher.config.get_text_config().vocab_size

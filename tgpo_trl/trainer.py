@@ -214,6 +214,7 @@ class TGPOTrainer(GRPOTrainer):
         self.guidance = args.guidance
         self.teacher_model = None
         self.teacher_source = None
+        self._alignment_logged = False  # the first batch's alignment rate is logged once, across tokenizers
         if teacher is None:
             return
         self.teacher_source = TeacherSource.of(teacher, teacher_path, args.teacher_model_revision)
@@ -306,16 +307,16 @@ class TGPOTrainer(GRPOTrainer):
             prompts=self._prompts_for_teacher(inputs) if self.teacher_scoring.cross_tokenizer else None,
         )
         self._check_teacher_output(scores.valid | scores.aligned, self._loss_mask(output), mode)
-        if self.teacher_scoring.cross_tokenizer and not getattr(self, "_alignment_logged", False):
+        if self.teacher_scoring.cross_tokenizer and not self._alignment_logged:
             self._alignment_logged = True
             rate = self._global_token_mean(scores.aligned.float(), self._loss_mask(output).bool())
             logger.warning(f"Cross-tokenizer scoring: {rate:.1%} of the first batch's completion tokens are aligned.")
         output.update(scores.as_dict())
 
-        if self.guidance == "opd" and output.get("old_per_token_logps") is not None:
-            output["advantages"] = self._opd_advantages(output, output["old_per_token_logps"])
-        elif self.guidance == "opd":
-            pass  # on policy, `log p_old` is the loss forward's own `log p_s`: see `_AdvantagesFromLossForward`
+        if self.guidance == "opd":
+            # off policy only: on policy, `log p_old` is the loss forward's own `log p_s` (`_AdvantagesFromLossForward`)
+            if output.get("old_per_token_logps") is not None:
+                output["advantages"] = self._opd_advantages(output, output["old_per_token_logps"])
         elif not self.args.use_task_reward:
             output["advantages"] = torch.zeros_like(output["advantages"])
         return output
@@ -411,7 +412,7 @@ class TGPOTrainer(GRPOTrainer):
         # `log p_T(y_t)` is defined where `teacher_valid`; a teacher target exists where `teacher_aligned` (the same
         # tokens with a shared vocabulary)
         logp_mask = loss_mask & inputs["teacher_valid"]
-        target_mask = loss_mask & inputs.get("teacher_aligned", inputs["teacher_valid"])
+        target_mask = loss_mask & inputs["teacher_aligned"]
         mask = target_mask if self.guidance in _TARGET_MODES else logp_mask
         per_token = self._guidance_per_token(student_logps, student_extra_logps, inputs)
         coef = self.guidance_coef
