@@ -257,7 +257,7 @@ def training_arguments(settings, output_dir: str) -> dict:
 def build_trainer(method: str, setup: Setup, output_dir: str, student=None, teacher=None, **overrides):
     """The trainer of `method` (`METHODS`, or `tgpo_none`: TGPO with `guidance='none'`) on `setup`'s fixed rollouts;
     `student`/`teacher` default to `setup`'s tiny models, and `overrides` replace training arguments (the GPU
-    benchmark's device and precision)."""
+    benchmark's device and precision; `teacher_server_url` for a served teacher)."""
     s = setup.settings
     args = {**training_arguments(s, output_dir), **overrides}
     data = {"train_dataset": setup.dataset, "processing_class": setup.tokenizer}
@@ -272,7 +272,8 @@ def build_trainer(method: str, setup: Setup, output_dir: str, student=None, teac
     else:
         guidance = "none" if method == "tgpo_none" else method
         config = TGPOConfig(**args, num_generations=s.num_generations, guidance=guidance, guidance_top_k=s.top_k)
-        teacher = teacher if teacher is not None else setup.teacher()
+        if config.teacher_server_url is None:  # else the teacher is served, and never built here
+            teacher = teacher if teacher is not None else setup.teacher()
         trainer = TGPOTrainer(student, alternating_reward, args=config, rollout_func=fixed_rollout(setup),
                               teacher_model=teacher, teacher_processing_class=setup.tokenizer, **data)
     for callback in (PrinterCallback, ProgressCallback):

@@ -530,6 +530,9 @@ def cli(argv: list[str] | None = None) -> dict | None:
                 raise ValueError("No student model: set --model_name_or_path (or run with no arguments for the demo)")
             if not training_args.teacher_model_name_or_path:
                 raise ValueError("The gap report needs a teacher: set --teacher_model_name_or_path")
+            if training_args.teacher_server_url is not None:
+                raise ValueError("The gap report runs the teacher in process (it continues the student's prefixes with "
+                                 "it): drop --teacher_server_url and load the teacher by --teacher_model_name_or_path")
             train_dataset, _ = train.load_datasets(script_args, training_args, model_args)
             from datasets import Dataset, IterableDataset
 

@@ -235,6 +235,8 @@ def test_accumulators_merge_like_one_and_shards_cover_every_prompt(script):
     (["--gap_prefix_fractions", "0.5", "1.5"], "gap_prefix_fractions"),
     (["--model_name_or_path", "some/student", "--dataset_name", "x", "--bf16", "false", "--use_cpu", "true"],
      "teacher_model_name_or_path"),
+    (["--model_name_or_path", "some/student", "--teacher_model_name_or_path", "some/teacher", "--teacher_server_url",
+      "http://localhost:8001", "--dataset_name", "x", "--bf16", "false", "--use_cpu", "true"], "teacher_server_url"),
     (["--demo_size", "quick", "--guidance_top_k", "0"], "guidance_top_k"),
 ])
 def test_bad_input_fails_before_any_model_loads(script, monkeypatch, argv, field):

@@ -72,3 +72,21 @@ def test_paper_recipe_is_the_papers_setup(script):
     assert script_args.max_prompt_length == 1024 and args.max_completion_length == 8192
     assert args.use_vllm and args.vllm_mode == "colocate"
     assert script_args.reward_funcs == ["format"]
+
+
+def test_served_recipe_is_the_paper_setup_with_the_teacher_served(script):
+    """The served-teacher recipe (docs/distributed.md): the paper's batch on the 4 training GPUs, the teacher named and
+    served by two replicas, never loaded in training; everything else as in the paper's recipe."""
+    served = ROOT / "recipes" / "qwen2.5-math-1.5b_tgpo_served.yaml"
+    _, args, _ = parse(script, served)
+    _, paper, _ = parse(script, PAPER)
+    assert args.teacher_server_url == ["http://localhost:8001", "http://localhost:8002"]
+    assert args.teacher_model_name_or_path == paper.teacher_model_name_or_path
+    assert args.teacher_model_init_kwargs is None
+    training_gpus = 4
+    assert args.per_device_train_batch_size * training_gpus * args.gradient_accumulation_steps == (
+        paper.per_device_train_batch_size * PAPER_GPUS * paper.gradient_accumulation_steps)
+    assert args.per_device_train_batch_size * training_gpus * args.steps_per_generation == (
+        paper.per_device_train_batch_size * PAPER_GPUS * paper.steps_per_generation)
+    same = ("guidance", "guidance_coef", "learning_rate", "max_steps", "max_completion_length", "beta", "epsilon")
+    assert all(getattr(args, key) == getattr(paper, key) for key in same)

@@ -210,8 +210,11 @@ class VocabularyMap:
         self.exact_ratio = exact / max(1, sum(piece is not None for piece in teacher.pieces))
 
     def __call__(self, teacher_ids: torch.Tensor) -> torch.Tensor:
+        """Student ids of `teacher_ids`; -1 for an id with none, or outside the teacher's ids (a served teacher's
+        empty top-k slot is -1)."""
         table = self.teacher_to_student.to(teacher_ids.device)
-        return table[teacher_ids.clamp(min=0, max=len(table) - 1)]
+        inside = (teacher_ids >= 0) & (teacher_ids < len(table))
+        return torch.where(inside, table[teacher_ids.clamp(min=0, max=len(table) - 1)], -1)
 
     def longest_prefix(self, data: bytes) -> int | None:
         """The id of the longest student text token that `data` starts with, or None."""
@@ -515,15 +518,35 @@ def merge_topk(ids: torch.Tensor, logps: torch.Tensor) -> tuple[torch.Tensor, to
 # ------------------------------------------------------------------ the two ways ids can map
 
 
+class Mapped:
+    """A teacher's scores in flight (`pending.result()`), mapped to the student's positions and ids once collected."""
+
+    def __init__(self, pending, to_student):
+        self._pending, self._to_student = pending, to_student
+
+    def result(self) -> TeacherScores:
+        return self._to_student(self._pending.result())
+
+
 class SharedVocabulary:
     """The teacher shares the student's ids: it scores the student's own prompt and completion, and every position
-    it scores finitely has a target."""
+    it scores finitely has a target (a served teacher's position whose top-k holds no id the student can emit has
+    none: its ids arrive as -1)."""
 
     cross_tokenizer = False
 
-    def score(self, run, prompts, prompt_ids, prompt_mask, completion_ids, completion_mask) -> TeacherScores:
-        scores = run(prompt_ids, prompt_mask, completion_ids, completion_mask)
-        scores.aligned = scores.valid
+    def start(self, submit, prompts, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Mapped:
+        """Send the batch to the teacher (`submit`: where it runs) and return its scores in flight."""
+        return Mapped(submit(prompt_ids, prompt_mask, completion_ids, completion_mask), self.to_student)
+
+    @staticmethod
+    def to_student(scores: TeacherScores) -> TeacherScores:
+        scores.aligned = scores.valid & (scores.argmax >= 0)
+        scores.argmax = scores.argmax.clamp(min=0)
+        if scores.sample is not None:
+            scores.sample = scores.sample.clamp(min=0)
+        if scores.topk_ids is not None:
+            scores.topk_ids = scores.topk_ids.clamp(min=0)
         return scores
 
 
@@ -536,9 +559,9 @@ class CrossTokenizer:
     def __init__(self, student_tokenizer, teacher_tokenizer, student_rows: int, targets: str = "sync"):
         self.alignment = CrossTokenizerAlignment(student_tokenizer, teacher_tokenizer, student_rows, targets)
 
-    def score(self, run, prompts, prompt_ids, prompt_mask, completion_ids, completion_mask) -> TeacherScores:
+    def start(self, submit, prompts, prompt_ids, prompt_mask, completion_ids, completion_mask) -> Mapped:
         if prompts is None:
             raise ValueError("Cross-tokenizer scoring needs the prompts themselves, to render them the teacher's way.")
         batch = self.alignment.teacher_batch(prompts, completion_ids, completion_mask)
-        scores = run(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
-        return self.alignment.to_student(scores, batch)
+        pending = submit(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+        return Mapped(pending, lambda scores: self.alignment.to_student(scores, batch))

@@ -5,6 +5,7 @@ from transformers import TrainingArguments
 from trl import GRPOConfig
 
 from .alignment import TARGET_RULES as CROSS_TOKENIZER_TARGETS
+from .served import server_urls
 
 
 # transformers 5.24 renamed `gradient_checkpointing` to `activation_checkpointing` and warns on the old name, which
@@ -40,6 +41,23 @@ class TGPOConfig(GRPOConfig):
             Revision (branch, tag or commit) of the teacher.
         teacher_model_init_kwargs (`str` or `dict[str, Any]`, *optional*):
             Keyword arguments for the teacher's `from_pretrained` (e.g. `{"dtype": "bfloat16"}`).
+
+        > Parameters that control a served teacher
+
+        teacher_server_url (`str` or `list[str]`, *optional*):
+            Base URL of a vLLM OpenAI-compatible server (`vllm serve`) that serves the teacher, e.g.
+            `"http://10.0.0.2:8000"`; several replicas as a list or comma-separated, requests spread over them. The
+            teacher then never enters training memory: it scores rollouts through `/v1/completions` with
+            `prompt_logprobs` (docs/distributed.md). `teacher_model_name_or_path` names the served model (and is where
+            its tokenizer is looked for); an in-process teacher (`teacher_model` object, `teacher_model_init_kwargs`)
+            is refused alongside.
+        teacher_server_timeout (`float`, *optional*, defaults to `300.0`):
+            Seconds one request to the teacher server may take before it counts as failed (and is retried).
+        teacher_server_max_concurrent_requests (`int`, *optional*, defaults to `16`):
+            Requests in flight to the teacher server at once, per training process.
+        teacher_server_max_retries (`int`, *optional*, defaults to `5`):
+            Retries of a request that failed to connect, timed out or got a 5xx answer, with exponential backoff from 1 s
+            (a 4xx answer fails at once). When they run out, the run stops before the batch reaches the optimizer.
 
         > Parameters that control the guidance
 
@@ -101,6 +119,23 @@ class TGPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Keyword arguments for the teacher's `from_pretrained`, e.g. '{\"dtype\": \"bfloat16\"}'."},
     )
+    teacher_server_url: list[str] | None = field(
+        default=None,
+        metadata={"help": "Base URL(s) of vLLM servers serving the teacher (`vllm serve`), e.g. http://10.0.0.2:8000; "
+                  "several replicas as a list or comma-separated. The teacher is then not loaded in training."},
+    )
+    teacher_server_timeout: float = field(
+        default=300.0,
+        metadata={"help": "Seconds one request to the teacher server may take before it is retried (> 0)."},
+    )
+    teacher_server_max_concurrent_requests: int = field(
+        default=16,
+        metadata={"help": "Requests in flight to the teacher server at once, per process (>= 1)."},
+    )
+    teacher_server_max_retries: int = field(
+        default=5,
+        metadata={"help": "Retries of a teacher request after a connection error, timeout or 5xx (>= 0)."},
+    )
     guidance: str = field(
         default="tgpo",
         metadata={"help": "Guidance term added to the GRPO objective.", "choices": list(GUIDANCE_MODES)},
@@ -156,6 +191,21 @@ class TGPOConfig(GRPOConfig):
                 f"`cross_tokenizer_targets` must be one of {list(CROSS_TOKENIZER_TARGETS)}, got "
                 f"{self.cross_tokenizer_targets!r}."
             )
+        if self.teacher_server_url is not None:
+            self.teacher_server_url = server_urls(self.teacher_server_url)
+            if self.teacher_model_init_kwargs is not None:
+                raise ValueError(
+                    "`teacher_model_init_kwargs` loads an in-process teacher, but `teacher_server_url` serves it: set "
+                    "the teacher's dtype and the like on `vllm serve` (e.g. `--dtype bfloat16`), or drop the server URL."
+                )
+        if not self.teacher_server_timeout > 0:
+            raise ValueError(f"`teacher_server_timeout` must be > 0 seconds, got {self.teacher_server_timeout}.")
+        if self.teacher_server_max_concurrent_requests < 1:
+            raise ValueError(
+                f"`teacher_server_max_concurrent_requests` must be >= 1, got {self.teacher_server_max_concurrent_requests}."
+            )
+        if self.teacher_server_max_retries < 0:
+            raise ValueError(f"`teacher_server_max_retries` must be >= 0, got {self.teacher_server_max_retries}.")
         if self.guidance_top_k < 1:
             raise ValueError(f"`guidance_top_k` must be >= 1, got {self.guidance_top_k}.")
         if not self.use_task_reward and self.guidance == "none":

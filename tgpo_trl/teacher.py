@@ -57,11 +57,11 @@ def find_teacher_tokenizer(
         return None
 
 
-def emittable_ids(student_tokenizer: PreTrainedTokenizerBase, student: PreTrainedModel) -> tuple[int, int, int]:
-    """`(emittable, tokenizer ids, output rows)`: the student can emit only ids its tokenizer knows and its output
-    layer has a row for."""
+def emittable_ids(student_tokenizer: PreTrainedTokenizerBase, student) -> tuple[int, int, int]:
+    """`(emittable, tokenizer ids, output rows)`: the student (a model, or its config) can emit only ids its tokenizer
+    knows and its output layer has a row for."""
     tokenizer_ids = max(student_tokenizer.get_vocab().values()) + 1
-    student_rows = student.config.get_text_config().vocab_size
+    student_rows = getattr(student, "config", student).get_text_config().vocab_size
     return min(tokenizer_ids, student_rows), tokenizer_ids, student_rows
 
 
@@ -76,8 +76,8 @@ def differing_tokens(
 
 def shared_vocab_size(
     student_tokenizer: PreTrainedTokenizerBase,
-    student: PreTrainedModel,
-    teacher: PreTrainedModel,
+    student,
+    teacher: PreTrainedModel | None,
     teacher_tokenizer: PreTrainedTokenizerBase | None,
 ) -> int:
     """
@@ -89,7 +89,8 @@ def shared_vocab_size(
     may gain an `<|endoftext|>` beyond the embedding's rows. Each of those ids must have the same token in the
     teacher's tokenizer, and the teacher a logit row for it; the teacher may know more tokens or have more (padding)
     rows: its logits are restricted to the emittable ids, so padding rows and tokens the student cannot emit never
-    become guidance targets.
+    become guidance targets. A served teacher (`teacher=None`) has no rows to read here: its start-up probe sends the
+    highest id instead.
     """
     emittable, tokenizer_ids, student_rows = emittable_ids(student_tokenizer, student)
     if teacher_tokenizer is not None:
@@ -106,11 +107,13 @@ def shared_vocab_size(
                 "TGPO compares token ids, so the teacher must use the student's tokenizer (a teacher with extra tokens "
                 "or a padded embedding is fine)."
             )
-    else:
+    elif teacher is not None:  # a served teacher's tokenization is checked by its probe
         logger.warning(
             "No tokenizer was found for the teacher, so TGPO cannot check that it maps tokens like the student's. Pass "
             "`teacher_processing_class` to the trainer to have it checked."
         )
+    if teacher is None:
+        return emittable
     teacher_rows = teacher.config.get_text_config().vocab_size
     if teacher_rows < emittable:
         raise ValueError(
@@ -123,8 +126,8 @@ def shared_vocab_size(
 
 def teacher_id_mapping(
     student_tokenizer: PreTrainedTokenizerBase,
-    student: PreTrainedModel,
-    teacher: PreTrainedModel,
+    student,
+    teacher: PreTrainedModel | None,
     teacher_tokenizer: PreTrainedTokenizerBase | None,
     targets: str = "sync",
 ):
@@ -133,13 +136,14 @@ def teacher_id_mapping(
     tokenizers, `TGPOConfig.cross_tokenizer_targets`), and how many of the teacher's leading ids it scores:
     `(SharedVocabulary(), shared size)` when the tokenizers map ids alike (or the teacher's tokenizer is unknown), else
     `(CrossTokenizer(...), the teacher tokenizer's ids)`, with a one-time log that cross-tokenizer scoring is on.
+    `teacher` is None for a served teacher, whose rows are not known here.
     """
     emittable, _, _ = emittable_ids(student_tokenizer, student)
     if teacher_tokenizer is None or not differing_tokens(student_tokenizer, teacher_tokenizer, emittable):
         return SharedVocabulary(), shared_vocab_size(student_tokenizer, student, teacher, teacher_tokenizer)
     mapping = CrossTokenizer(student_tokenizer, teacher_tokenizer, emittable, targets)
-    teacher_rows = teacher.config.get_text_config().vocab_size
     teacher_ids = max(teacher_tokenizer.get_vocab().values()) + 1
+    teacher_rows = teacher.config.get_text_config().vocab_size if teacher is not None else teacher_ids
     logger.warning(
         "The teacher's tokenizer maps ids differently from the student's: cross-tokenizer scoring is on (the teacher "
         "reads each rollout re-rendered in its own chat template and tokens, aligned on the completion's bytes; "
@@ -154,6 +158,17 @@ def prepare_teacher(teacher: PreTrainedModel, vocab_size: int) -> PreTrainedMode
     freeze(teacher)
     install_teacher_scoring(teacher, vocab_size)
     return teacher
+
+
+class Deferred:
+    """Scores computed when they are collected: the in-process teacher's forward runs at `result()`, where the trainer
+    collects a served teacher's answers, so both places the teacher can run look the same to the trainer."""
+
+    def __init__(self, compute):
+        self._compute = compute
+
+    def result(self) -> TeacherScores:
+        return self._compute()
 
 
 @torch.no_grad()

@@ -8,17 +8,32 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.models.utils import prepare_deepspeed
-from trl.trainer.utils import get_comet_experiment_url, get_config_model_id, get_trackio_space_url, is_async_callable
+from trl.trainer.utils import (
+    get_comet_experiment_url,
+    get_config_model_id,
+    get_trackio_space_url,
+    is_async_callable,
+    pad,
+)
 
 from . import guidance as G
 from .config import TGPOConfig
 from .lm_head import StudentLogProbs
 from .model_card import TeacherSource, generate_tgpo_model_card
-from .teacher import find_teacher_tokenizer, load_teacher, prepare_teacher, score_completions, teacher_id_mapping
+from .served import ServedTeacher, TeacherServerError
+from .teacher import (
+    Deferred,
+    find_teacher_tokenizer,
+    load_teacher,
+    prepare_teacher,
+    score_completions,
+    teacher_id_mapping,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -28,6 +43,11 @@ _EXTRA_IDS = {"tgpo": "teacher_argmax", "tgpo_sample": "teacher_sample", "tgpo_t
               "rkl_topk": "teacher_topk_ids"}
 # The modes whose term is a target from the teacher's distribution; the others read `log p_T(y_t)`
 _TARGET_MODES = tuple(_EXTRA_IDS)
+
+
+def _teacher_request(guidance: str, top_k: int) -> dict[str, Any]:
+    """What the teacher keeps per position for `guidance`, besides `log p_T(y_t)` and its argmax."""
+    return {"top_k": top_k if guidance in ("tgpo_topk", "rkl_topk") else 0, "sample": guidance == "tgpo_sample"}
 
 
 def _check_dataset(dataset, name: str, needs_prompt: bool) -> None:
@@ -174,12 +194,24 @@ class TGPOTrainer(GRPOTrainer):
 
         # The teacher is resolved first, so a missing or unloadable one fails before the student is built
         teacher_path = teacher_model if isinstance(teacher_model, str) else args.teacher_model_name_or_path
-        if teacher_model is None and teacher_path is None and args.guidance_needs_teacher:
+        served = args.teacher_server_url is not None
+        if teacher_model is None and teacher_path is None and args.guidance_needs_teacher and not served:
             raise ValueError(
                 f"`guidance={args.guidance!r}` needs a teacher: set `teacher_model_name_or_path` in the config or pass "
                 "`teacher_model` to the trainer (or use `guidance='none'` for plain GRPO)."
             )
-        if isinstance(teacher_model, PreTrainedModel):
+        server = None
+        if served:
+            if isinstance(teacher_model, PreTrainedModel):
+                raise ValueError(
+                    "`teacher_model` is a model object, but `teacher_server_url` serves the teacher: pass one or the "
+                    "other (with a server, `teacher_model_name_or_path` only names the served model)."
+                )
+            teacher = None
+            server, served_mapping = self._connect_teacher_server(
+                model, processing_class, teacher_path, teacher_processing_class, args
+            )
+        elif isinstance(teacher_model, PreTrainedModel):
             teacher, teacher_path = teacher_model, None
             if args.teacher_model_init_kwargs is not None:
                 logger.warning("`teacher_model_init_kwargs` is ignored: the teacher was passed as a model object.")
@@ -213,8 +245,17 @@ class TGPOTrainer(GRPOTrainer):
 
         self.guidance = args.guidance
         self.teacher_model = None
+        self.teacher_server = server
         self.teacher_source = None
         self._alignment_logged = False  # the first batch's alignment rate is logged once, across tokenizers
+        self._teacher_in_flight = None  # the scores of the batch being generated, requested in `_generate`
+        self._teacher_inputs = None  # the examples of the batch being generated (a teacher of another tokenizer reads them)
+        student = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        if server is not None:
+            self.teacher_source = TeacherSource(server.model, args.teacher_model_revision)
+            self.teacher_scoring, self.teacher_vocab_size = served_mapping
+            self._student_logps = StudentLogProbs(student, self.temperature, args.cast_lm_head_to_fp32)
+            return
         if teacher is None:
             return
         self.teacher_source = TeacherSource.of(teacher, teacher_path, args.teacher_model_revision)
@@ -230,8 +271,42 @@ class TGPOTrainer(GRPOTrainer):
             self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
         else:
             self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        student = self.model.get_base_model() if is_peft_model(self.model) else self.model
         self._student_logps = StudentLogProbs(student, self.temperature, args.cast_lm_head_to_fp32)
+
+    @staticmethod
+    def _connect_teacher_server(model, processing_class, teacher_name, teacher_processing_class, args):
+        """
+        A served teacher, probed before any model is loaded: the student's tokenizer and config (read, not the
+        weights), the teacher's tokenizer when one can be found under `teacher_name` (else the shared vocabulary is
+        assumed, and the probe checks it against the server's own decoding), the id mapping between them, and the
+        probe of every replica. Returns `(ServedTeacher, (mapping, teacher vocab size))`.
+        """
+        model_id = model if isinstance(model, str) else get_config_model_id(model.config)
+        init_kwargs = args.model_init_kwargs or {}
+        revision = init_kwargs.get("revision") if isinstance(init_kwargs, dict) else None
+        tokenizer = processing_class
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, trust_remote_code=args.trust_remote_code)
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
+        config = model.config if not isinstance(model, str) else AutoConfig.from_pretrained(
+            model_id, revision=revision, trust_remote_code=args.trust_remote_code)
+        if teacher_processing_class is None and teacher_name is not None:
+            teacher_processing_class = find_teacher_tokenizer(
+                None, teacher_name, args.teacher_model_revision, args.trust_remote_code
+            )
+        mapping, vocab_size = teacher_id_mapping(
+            tokenizer, config, None, teacher_processing_class, args.cross_tokenizer_targets
+        )
+        server = ServedTeacher(
+            args.teacher_server_url, teacher_name, vocab_size, sample_top_k=args.guidance_top_k,
+            timeout=args.teacher_server_timeout, max_concurrent_requests=args.teacher_server_max_concurrent_requests,
+            max_retries=args.teacher_server_max_retries,
+        )
+        scoring_tokenizer, role = (teacher_processing_class, "teacher") if mapping.cross_tokenizer else (tokenizer,
+                                                                                                         "student")
+        server.probe(scoring_tokenizer, server.logprobs_for(**_teacher_request(args.guidance, args.guidance_top_k)),
+                     args.max_completion_length + 2, role)
+        return server, (mapping, vocab_size)
 
     # ------------------------------------------------------------------ model card
 
@@ -297,15 +372,52 @@ class TGPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ teacher scoring
 
+    @property
+    def has_teacher(self) -> bool:
+        """Whether a teacher scores the rollouts (in process or served)."""
+        return self.teacher_model is not None or self.teacher_server is not None
+
+    def _generate(self, prompts: list):
+        # The teacher's scores are requested as soon as the completions exist, so that a served teacher works while GRPO
+        # computes rewards and its own no-grad forwards; they are collected in `_generate_and_score_completions`.
+        generated = super()._generate(prompts)
+        if self.has_teacher and self._teacher_inputs is not None:
+            prompt_ids, completion_ids = generated[0], generated[1]
+            device, pad_id = self.accelerator.device, self._tokenizer.pad_token_id
+
+            def padded(rows, side):
+                ids = pad([torch.tensor(row) for row in rows], padding_value=pad_id, padding_side=side,
+                          pad_to_multiple_of=self.pad_to_multiple_of)
+                mask = pad([torch.ones(len(row), dtype=torch.long) for row in rows], padding_value=0,
+                           padding_side=side, pad_to_multiple_of=self.pad_to_multiple_of)
+                return ids.to(device), mask.to(device)
+
+            tensors = (*padded(prompt_ids, "left"), *padded(completion_ids, "right"))
+            prompts = self._prompts_for_teacher(self._teacher_inputs) if self.teacher_scoring.cross_tokenizer else None
+            self._teacher_in_flight = (self.start_teacher_scoring(*tensors, prompts=prompts), tensors[2])
+        return generated
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        output = super()._generate_and_score_completions(inputs)
-        if self.teacher_model is None:
+        self._teacher_in_flight, self._teacher_inputs = None, inputs
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._teacher_inputs = None
+        if not self.has_teacher:
             return output
         mode = "train" if self.model.training else "eval"
-        scores = self.score_with_teacher(
-            output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"],
-            prompts=self._prompts_for_teacher(inputs) if self.teacher_scoring.cross_tokenizer else None,
-        )
+        in_flight, self._teacher_in_flight = self._teacher_in_flight, None
+        if in_flight is None or not torch.equal(in_flight[1], output["completion_ids"]):
+            # `_generate` did not run for this batch (a subclass or test that supplies the rollouts): score them now
+            prompts = self._prompts_for_teacher(inputs) if self.teacher_scoring.cross_tokenizer else None
+            in_flight = (self.start_teacher_scoring(
+                output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"],
+                prompts=prompts,
+            ), None)
+        scores = self._collect_teacher_scores(in_flight[0])
+        # rows GRPO masked after generation (`mask_truncated_completions`) have no teacher score either
+        scored = output["completion_mask"].bool()
+        scores.valid, scores.aligned = scores.valid & scored, scores.aligned & scored
         self._check_teacher_output(scores.valid | scores.aligned, self._loss_mask(output), mode)
         if self.teacher_scoring.cross_tokenizer and not self._alignment_logged:
             self._alignment_logged = True
@@ -321,6 +433,20 @@ class TGPOTrainer(GRPOTrainer):
             output["advantages"] = torch.zeros_like(output["advantages"])
         return output
 
+    def _collect_teacher_scores(self, in_flight):
+        """The batch's teacher scores; a served teacher that could not score it stops the run here, before the batch
+        reaches the optimizer, with where to resume from."""
+        try:
+            return in_flight.result()
+        except TeacherServerError as error:
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            where = f"the last checkpoint is {last}" if last else "no checkpoint was saved yet (see `save_steps`)"
+            raise TeacherServerError(
+                f"{error} The teacher's scores for this batch are missing, so training stopped at step "
+                f"{self.state.global_step} before the batch reached the optimizer; {where}. Once the server answers, "
+                "resume with `trainer.train(resume_from_checkpoint=True)` (`--resume_from_checkpoint true`)."
+            ) from error
+
     @staticmethod
     def _prompts_for_teacher(inputs: list[dict[str, Any]]) -> list:
         """The batch's prompts, which a teacher with another tokenizer re-renders in its own chat template."""
@@ -332,22 +458,30 @@ class TGPOTrainer(GRPOTrainer):
             )
         return [example["prompt"] for example in inputs]
 
+    def start_teacher_scoring(self, prompt_ids, prompt_mask, completion_ids, completion_mask, prompts=None):
+        """
+        The trainer's one scoring call: send a batch of rollouts to the teacher and return its scores in flight
+        (`.result()`: what `self.guidance` needs, in the student's positions and ids). Where the teacher runs (in
+        process, its forward at `.result()`; or served, requests sent now) and how its ids map (`self.teacher_scoring`:
+        shared vocabulary, or cross-tokenizer, which needs the `prompts` themselves) are two separate layers.
+        """
+        request = _teacher_request(self.guidance, self.args.guidance_top_k)
+        if self.teacher_server is not None:
+            submit = functools.partial(self.teacher_server.submit, **request)
+        else:
+            submit = functools.partial(self._score_in_process, **request)
+        return self.teacher_scoring.start(submit, prompts, prompt_ids, prompt_mask, completion_ids, completion_mask)
+
     def score_with_teacher(self, prompt_ids, prompt_mask, completion_ids, completion_mask, prompts=None):
-        """
-        The teacher's one no-grad forward over a batch of rollouts, keeping what `self.guidance` needs, in the
-        student's positions and ids. Where the teacher runs (`score_completions`, in process) and how its ids map
-        (`self.teacher_scoring`: shared vocabulary, or cross-tokenizer, which needs the `prompts` themselves) are two
-        separate layers.
-        """
-        run = functools.partial(
-            score_completions,
-            self.teacher_model,
-            batch_size=self._forward_batch_size,
-            top_k=self.args.guidance_top_k if self.guidance in ("tgpo_topk", "rkl_topk") else 0,
-            sample=self.guidance == "tgpo_sample",
-            autocast=self.accelerator.autocast,
-        )
-        return self.teacher_scoring.score(run, prompts, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        """`start_teacher_scoring(...).result()`: the teacher's scores of a batch, waited for."""
+        return self.start_teacher_scoring(prompt_ids, prompt_mask, completion_ids, completion_mask, prompts).result()
+
+    def _score_in_process(self, prompt_ids, prompt_mask, completion_ids, completion_mask, top_k, sample):
+        """The in-process teacher's chunked no-grad forward, run when its scores are collected."""
+        return Deferred(functools.partial(
+            score_completions, self.teacher_model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+            batch_size=self._forward_batch_size, top_k=top_k, sample=sample, autocast=self.accelerator.autocast,
+        ))
 
     @property
     def _forward_batch_size(self) -> int:
@@ -394,7 +528,7 @@ class TGPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.teacher_model is None:
+        if not self.has_teacher:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         ids_key = _EXTRA_IDS.get(self.guidance)
         completion_ids = inputs["completion_ids"]

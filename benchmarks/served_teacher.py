@@ -1,0 +1,230 @@
+"""
+A served teacher against the in-process one: TGPO's step time on CPU, and how much of the teacher's time the overlap
+hides.
+
+The served teacher runs in its own process: the test suite's vLLM stand-in (`tests/vllm_standin.py`, vLLM's
+`/v1/completions` format, one torch thread), serving the same weights the in-process trainer holds. Both trainers take
+the same fixed rollouts (no sampling, as the speed benchmark) and are alternated step by step in one run, so machine
+load hits both alike. Each configuration is measured twice: with GRPO's defaults (`beta=0`: between the completions and
+the loss GRPO runs only the reward functions, so there is little for the requests to hide behind) and with `beta=0.04`
+(a reference-model forward, as many recipes use). The trainer uses `--threads` torch threads; the server one more
+process with one thread.
+
+For the served teacher, per step: `request` = seconds from sending the batch's requests until the last answer was in,
+`wait` = how long the trainer waited for them when it collected the scores; `hidden = 1 - wait / request`. For the
+in-process teacher, `teacher forward` is its scoring forward over the same batch timed alone.
+
+    python benchmarks/served_teacher.py            # about 3 minutes on 2 cores
+    python benchmarks/served_teacher.py --quick    # a smoke run (the tests)
+"""
+
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402  (sets the offline environment before torch loads)
+    REPO,
+    Setup,
+    StepRecorder,
+    add_settings_arguments,
+    build_trainer,
+    cpu_environment,
+    log,
+    report_parser,
+    run_steps,
+    settings_from_args,
+    start_cpu_run,
+    summary,
+    time_teacher_forward,
+    write_json,
+    write_report,
+)
+
+import torch  # noqa: E402
+
+import tgpo_trl.served as served  # noqa: E402
+
+
+NAME = "served_teacher"
+BETAS = (0.0, 0.04)
+
+
+@dataclass(frozen=True)
+class Settings:
+    batch: int = 16
+    num_generations: int = 4
+    prompt_length: int = 32
+    completion_length: int = 128
+    vocab: int = 4096
+    student_hidden: int = 128
+    student_layers: int = 2
+    teacher_hidden: int = 384
+    teacher_layers: int = 4
+    heads: int = 4
+    top_k: int = 8
+    steps: int = 8  # measured steps per trainer and configuration, after one warm-up step
+    threads: int = 1
+    seed: int = 0
+
+
+QUICK = replace(Settings(), batch=4, num_generations=2, completion_length=16, vocab=256, student_hidden=32,
+                teacher_hidden=48, steps=2)
+
+
+class _Timings:
+    """Each collected batch's `(request, wait)` seconds, read off `PendingScores` after `result()`."""
+
+    def __init__(self):
+        self.rows = []
+        self._result = served.PendingScores.result
+        timings = self
+
+        def result(pending):
+            scores = timings._result(pending)
+            timings.rows.append((pending.request_time, pending.wait_time))
+            return scores
+
+        served.PendingScores.result = result
+
+
+def start_server(model_dir: Path) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "vllm_standin.py"), "--model", str(model_dir), "--port", "0",
+         "--threads", "1"], stdout=subprocess.PIPE, text=True,
+    )
+    line = process.stdout.readline().strip()
+    if not line.startswith("ready "):
+        process.kill()
+        raise RuntimeError(f"the stand-in server did not start: {line!r}")
+    return process, line.split(" ", 1)[1]
+
+
+def measure(settings: Settings, work_dir: Path) -> dict:
+    setup = Setup(settings)
+    teacher = setup.teacher()
+    model_dir = work_dir / "teacher"
+    teacher.save_pretrained(model_dir)
+    setup.tokenizer.save_pretrained(model_dir)
+    student_dir = work_dir / "student"  # by path: GRPO builds its reference model (beta > 0) from the student's path
+    setup.student().save_pretrained(student_dir)
+    setup.tokenizer.save_pretrained(student_dir)
+    process, url = start_server(model_dir)
+    timings = _Timings()
+    results = {}
+    try:
+        for beta in BETAS:
+            trainers = {
+                "in_process": build_trainer("tgpo", setup, str(work_dir / f"local{beta}"), student=str(student_dir),
+                                            teacher=teacher, beta=beta),
+                "served": build_trainer("tgpo", setup, str(work_dir / f"served{beta}"), student=str(student_dir), beta=beta,
+                                        teacher_server_url=url, teacher_model_name_or_path=str(model_dir)),
+            }
+            recorders = {name: StepRecorder() for name in trainers}
+            for name, trainer in trainers.items():
+                trainer.add_callback(recorders[name])
+            for name, trainer in trainers.items():
+                run_steps(trainer, recorders[name], 1)  # warm-up
+            timings.rows.clear()
+            times = {name: [] for name in trainers}
+            for _ in range(settings.steps):  # alternated, one step at a time
+                for name, trainer in trainers.items():
+                    times[name] += run_steps(trainer, recorders[name], 1)
+            request = [row[0] for row in timings.rows]
+            wait = [row[1] for row in timings.rows]
+            forward = time_teacher_forward(trainers["in_process"], setup, settings.steps)
+            results[f"beta={beta:g}"] = {
+                "beta": beta,
+                "step_s": {name: summary(values) for name, values in times.items()},
+                "served_over_in_process": summary([s / i for s, i in zip(times["served"], times["in_process"],
+                                                                          strict=True)])["median"],
+                "teacher_forward_s": summary(forward),
+                "served_request_s": summary(request),
+                "served_wait_s": summary(wait),
+                "hidden_fraction": summary([1 - w / r if r > 0 else 0.0 for r, w in zip(request, wait, strict=True)]),
+            }
+            log(f"beta={beta:g}: in process {summary(times['in_process'])['median']:.3f} s/step, served "
+                f"{summary(times['served'])['median']:.3f} s/step; teacher forward {summary(forward)['median']:.3f} s, "
+                f"request {summary(request)['median']:.3f} s, wait {summary(wait)['median']:.3f} s")
+    finally:
+        process.kill()
+        process.wait()
+    return results
+
+
+def markdown(result: dict) -> str:
+    s, env = result["settings"], result["environment"]
+    lines = [
+        "# A served teacher against the in-process teacher (CPU)",
+        "",
+        "Generated by `python benchmarks/served_teacher.py` (raw numbers in `served_teacher.json`). The served teacher is "
+        "the test suite's vLLM stand-in (`tests/vllm_standin.py`) in its own process with one torch thread, serving "
+        "the in-process teacher's weights; vLLM itself cannot run here. Both trainers take the same fixed rollouts and "
+        "are alternated step by step in one run.",
+        "",
+        f"Measured {env['date']} on {env['platform']}, {env['cpu_count']} cores, trainer torch threads "
+        f"{env['torch_threads']}, load average at start {env['load_average']}. Student hidden {s['student_hidden']} x "
+        f"{s['student_layers']} layers, teacher hidden {s['teacher_hidden']} x {s['teacher_layers']} layers, vocabulary "
+        f"{s['vocab']}, batch {s['batch']} x ({s['prompt_length']} + {s['completion_length']}) tokens, guidance `tgpo`; "
+        f"{s['steps']} measured steps per trainer and configuration (medians).",
+        "",
+        "| configuration | in-process step (s) | served step (s) | served / in-process | in-process teacher forward (s) "
+        "| served request (s) | trainer waited (s) | hidden by the overlap |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in result["results"].items():
+        lines.append(
+            f"| {name} | {row['step_s']['in_process']['median']:.3f} | {row['step_s']['served']['median']:.3f} | "
+            f"{row['served_over_in_process']:.2f} | {row['teacher_forward_s']['median']:.3f} | "
+            f"{row['served_request_s']['median']:.3f} | {row['served_wait_s']['median']:.3f} | "
+            f"{row['hidden_fraction']['median']:.0%} |"
+        )
+    lines += [
+        "",
+        "`served request` runs from sending the batch's requests (as soon as the completions exist) until the last "
+        "answer was in; `trainer waited` is the part of it the trainer spent blocked when it collected the scores; "
+        "`hidden` = 1 - waited / request, per step. With `beta=0`, GRPO computes only the rewards between the "
+        "completions and the loss, so little of the request can hide; a reference-model forward (`beta=0.04`) gives "
+        "it more to hide behind.",
+        "",
+        "What this does and does not say: on 2 CPU cores the server and the trainer share the machine, so a served "
+        "teacher here only moves the teacher's forward to another core, and HTTP, JSON and the per-token parsing of "
+        "`prompt_logprobs` are pure overhead. On a GPU cluster the served teacher runs on its own GPUs (vLLM), and the "
+        "saving that matters is training memory: the teacher's weights and activations leave every training process "
+        "(docs/distributed.md).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main():
+    parser = report_parser(__doc__, NAME, "a tiny smoke run (the tests)")
+    add_settings_arguments(parser, Settings(), QUICK)
+    args = parser.parse_args()
+    out_dir = Path(args.out_dir)
+    if args.render:
+        import json
+
+        result = json.loads(Path(args.render).read_text())
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / f"{NAME}.json", result)
+        (out_dir / f"{NAME}.md").write_text(markdown(result))
+        return
+    settings = settings_from_args(parser, args, QUICK if args.quick else Settings())
+    env = start_cpu_run(settings, cpu_environment)
+    import tempfile
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work_dir:
+        results = measure(settings, Path(work_dir))
+    result = {"quick": args.quick, "settings": asdict(settings), "environment": env, "results": results,
+              "wall_time_s": time.perf_counter() - start}
+    log(write_report(out_dir, NAME, result, markdown(result)))
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

@@ -1,0 +1,359 @@
+"""
+A teacher served by vLLM (`teacher_server_url`), tested against `vllm_standin.StandInServer`: vLLM itself cannot run
+here, so a test-only server answers in exactly vLLM's format (quirks included) from a tiny HF model saved to disk.
+"""
+
+import math
+import time
+
+import pytest
+import torch
+from conftest import config_settings, length_reward
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from vllm_standin import StandInServer
+
+import tgpo_trl.served as served_module
+from tgpo_trl import TGPOConfig, TGPOTrainer
+from tgpo_trl.demo.models import tiny_llama, tiny_qwen2
+from tgpo_trl.demo.tokenizer import CHAT_TEMPLATE, build_byte_level_tokenizer, build_char_tokenizer
+from tgpo_trl.served import ServedTeacher, TeacherServerError
+
+
+LOSS_METRICS = ("guidance/loss", "gap/reverse_kl", "gap/mismatch_ratio", "gap/aligned_ratio", "guidance/skipped_tokens")
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(served_module, "RETRY_BACKOFF_S", 0.01)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A student and a teacher with the same character tokenizer, saved and loaded back as users load them; the
+    teacher has exactly the student's rows, so the server's full-vocabulary log-probs are the in-process ones."""
+    root = tmp_path_factory.mktemp("served")
+    tokenizer = build_char_tokenizer()
+    tokenizer.save_pretrained(root / "tokenizer")
+    loaded = AutoTokenizer.from_pretrained(root / "tokenizer")
+    rows = len(tokenizer)
+    for name, hidden, seed in (("student", 32, 0), ("teacher", 48, 1)):
+        tiny_qwen2(tokenizer, hidden_size=hidden, num_layers=2, seed=seed, vocab_size=rows).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    # a teacher of another family and tokenizer (byte-level BPE), for cross-tokenizer scoring through the server
+    corpus = [f"{a}+{b}={a + b}" for a in range(60) for b in range(60)]
+    bpe = build_byte_level_tokenizer(corpus, vocab_size=300)
+    bpe.chat_template = CHAT_TEMPLATE
+    tiny_llama(bpe, hidden_size=48, num_layers=2, seed=2, vocab_size=len(bpe)).save_pretrained(root / "bpe_teacher")
+    bpe.save_pretrained(root / "bpe_teacher")
+    # a teacher with too few rows for the student's ids
+    tiny_qwen2(tokenizer, hidden_size=32, num_layers=1, seed=3, vocab_size=rows - 5).save_pretrained(root / "small")
+    tokenizer.save_pretrained(root / "small")
+    return {"root": root, "tokenizer": loaded, **{name: str(root / name) for name in
+                                                  ("student", "teacher", "bpe_teacher", "small")}}
+
+
+@pytest.fixture
+def dataset():
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{i}+{i + 1}="}] for i in range(16)]})
+
+
+@pytest.fixture
+def server(models):
+    with StandInServer(models["teacher"]) as running:
+        yield running
+
+
+def trainer_for(tmp_path, models, dataset, server_url=None, student=None, reward_funcs=length_reward,
+                callbacks=None, **overrides):
+    """A trainer whose teacher is in process (`server_url=None`) or served."""
+    settings = config_settings(tmp_path, guidance_top_k=4, loss_type="bnpo", guidance_schedule="constant", **overrides)
+    if server_url is None:
+        teacher = AutoModelForCausalLM.from_pretrained(models["teacher"])
+    else:
+        settings["teacher_server_url"] = server_url
+        settings.setdefault("teacher_model_name_or_path", models["teacher"])
+        settings.setdefault("teacher_server_max_retries", 1)
+        teacher = None
+    return TGPOTrainer(
+        model=student if student is not None else AutoModelForCausalLM.from_pretrained(models["student"]),
+        reward_funcs=reward_funcs, args=TGPOConfig(**settings), train_dataset=dataset,
+        processing_class=models["tokenizer"], teacher_model=teacher, callbacks=callbacks,
+    )
+
+
+def loss_and_grads(trainer, inputs):
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    metrics = {key: trainer._metrics["train"][key][-1] for key in LOSS_METRICS}
+    return loss.item(), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None], metrics
+
+
+def generate(trainer, dataset):
+    trainer.model.train()
+    batch = [dataset[i // trainer.num_generations] for i in range(trainer.args.per_device_train_batch_size)]
+    torch.manual_seed(0)
+    return trainer._generate_and_score_completions(batch)
+
+
+# ---------------------------------------------------------------------------------------------- same as in process
+
+
+@pytest.mark.parametrize("mode", ["tgpo", "tgpo_topk", "opd", "kdrl"])
+def test_served_teacher_trains_like_the_in_process_teacher_with_the_same_weights(tmp_path, models, dataset, server,
+                                                                                mode):
+    local = trainer_for(tmp_path / "local", models, dataset, guidance=mode)
+    remote = trainer_for(tmp_path / "remote", models, dataset, server.url, guidance=mode)
+    assert remote.teacher_model is None and remote.teacher_server is not None
+    assert not remote.teacher_scoring.cross_tokenizer
+    inputs_local, inputs_remote = generate(local, dataset), generate(remote, dataset)
+    assert torch.equal(inputs_local["completion_ids"], inputs_remote["completion_ids"])  # the same rollouts
+    assert len(server.requests) > 1  # the probe, then the batch
+    mask = inputs_local["completion_mask"].bool()
+    assert mask.sum() > 0
+    for key in ("teacher_valid", "teacher_aligned"):
+        assert torch.equal(inputs_local[key][mask], inputs_remote[key][mask]), key
+    assert torch.allclose(inputs_local["teacher_logps"][mask], inputs_remote["teacher_logps"][mask], atol=1e-4)
+    assert torch.equal(inputs_local["teacher_argmax"][mask], inputs_remote["teacher_argmax"][mask])
+    if mode == "tgpo_topk":
+        for key in ("teacher_topk_ids", "teacher_topk_logps"):
+            assert torch.allclose(inputs_local[key][mask].double(), inputs_remote[key][mask].double(), atol=1e-4), key
+
+    (loss_a, grads_a, metrics_a), (loss_b, grads_b, metrics_b) = (loss_and_grads(local, inputs_local),
+                                                                  loss_and_grads(remote, inputs_remote))
+    assert loss_b == pytest.approx(loss_a, rel=1e-4, abs=1e-6)
+    for key in LOSS_METRICS:
+        assert metrics_b[key] == pytest.approx(metrics_a[key], rel=1e-4, abs=1e-6), key
+    assert len(grads_a) == len(grads_b) > 0
+    for grad_a, grad_b in zip(grads_a, grads_b, strict=True):
+        assert torch.allclose(grad_a, grad_b, rtol=1e-3, atol=1e-6)
+
+
+def test_requests_go_out_before_the_rewards_are_computed(tmp_path, models, dataset, server):
+    """The teacher's requests are sent as soon as the completions exist, so rewards and GRPO's forwards overlap them."""
+    arrived_during_rewards = []
+
+    def reward(completions, **kwargs):
+        # while the rewards are being computed, the batch's request reaches the server
+        deadline = time.monotonic() + 10
+        while len(server.requests) == probes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        arrived_during_rewards.append(len(server.requests) - probes)
+        return [0.0] * len(completions)
+
+    trainer = trainer_for(tmp_path, models, dataset, server.url, reward_funcs=reward)
+    probes = len(server.requests)
+    generate(trainer, dataset)
+    assert arrived_during_rewards == [1] and len(server.requests) == probes + 1
+
+
+def test_tgpo_sample_draws_from_the_teachers_top_k(tmp_path, models, dataset, server):
+    local = trainer_for(tmp_path / "local", models, dataset, guidance="tgpo_topk")
+    remote = trainer_for(tmp_path / "remote", models, dataset, server.url, guidance="tgpo_sample")
+    inputs = generate(local, dataset)
+    mask = inputs["completion_mask"].bool()
+    draws = [remote.score_with_teacher(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"],
+                                       inputs["completion_mask"]) for _ in range(4)]
+    assert {request["prompt_logprobs"] for request in server.requests[-4:]} == {4}  # `guidance_top_k`
+    for scores in draws:
+        assert scores.aligned[mask].all()
+        assert (scores.sample.unsqueeze(-1) == inputs["teacher_topk_ids"]).any(-1)[mask].all()
+    assert any(not torch.equal(draws[0].sample[mask], other.sample[mask]) for other in draws[1:])  # a sample
+
+
+def test_cross_tokenizer_scoring_composes_with_a_served_teacher(tmp_path, models, dataset):
+    """Where the teacher runs and how its ids map are separate layers: a BPE teacher served scores like in process."""
+    bpe = AutoTokenizer.from_pretrained(models["bpe_teacher"])
+    with StandInServer(models["bpe_teacher"]) as server:
+        settings = dict(guidance="tgpo_topk", cross_tokenizer_targets="continuation")
+        local = TGPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(models["student"]), reward_funcs=length_reward,
+            args=TGPOConfig(**config_settings(tmp_path / "local", guidance_top_k=4, **settings)), train_dataset=dataset,
+            processing_class=models["tokenizer"], teacher_model=AutoModelForCausalLM.from_pretrained(models["bpe_teacher"]),
+            teacher_processing_class=bpe,
+        )
+        remote = trainer_for(tmp_path / "remote", models, dataset, server.url, teacher_model_name_or_path=models[
+            "bpe_teacher"], **settings)
+        assert local.teacher_scoring.cross_tokenizer and remote.teacher_scoring.cross_tokenizer
+        inputs_local, inputs_remote = generate(local, dataset), generate(remote, dataset)
+    mask = inputs_local["completion_mask"].bool()
+    assert torch.equal(inputs_local["teacher_aligned"], inputs_remote["teacher_aligned"])
+    aligned = mask & inputs_local["teacher_aligned"]
+    assert aligned.sum() > 0
+    assert torch.equal(inputs_local["teacher_argmax"][aligned], inputs_remote["teacher_argmax"][aligned])
+    valid = mask & inputs_local["teacher_valid"]
+    assert torch.equal(valid, mask & inputs_remote["teacher_valid"])
+    assert torch.allclose(inputs_local["teacher_logps"][valid], inputs_remote["teacher_logps"][valid], atol=1e-4)
+    slots = inputs_local["teacher_topk_valid"] & aligned.unsqueeze(-1)
+    assert torch.equal(slots, inputs_remote["teacher_topk_valid"] & aligned.unsqueeze(-1))
+    assert torch.allclose(inputs_local["teacher_topk_logps"][slots], inputs_remote["teacher_topk_logps"][slots],
+                          atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- start-up probe
+
+
+def test_server_down_at_start_fails_before_the_student_is_loaded(tmp_path, models, dataset, monkeypatch):
+    with StandInServer(models["teacher"]) as server:
+        url = server.url
+    monkeypatch.setattr("trl.GRPOTrainer.__init__", lambda *args, **kwargs: pytest.fail("the student was loaded"))
+    with pytest.raises(TeacherServerError, match=r"cannot connect") as error:
+        TGPOTrainer(model=models["student"], reward_funcs=length_reward, train_dataset=dataset,
+                    args=TGPOConfig(**config_settings(tmp_path, teacher_server_url=url, teacher_server_max_retries=1,
+                                                      teacher_model_name_or_path=models["teacher"])))
+    assert url in str(error.value) and "vllm serve" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("server_kwargs", "overrides", "message"),
+    [
+        ({"served_model_name": "other"}, {}, r"serves \['other'\].*--served-model-name"),
+        ({"max_logprobs": 3}, {"guidance": "tgpo_topk"}, r"greater than max allowed: 3.*--max-logprobs"),
+        ({"max_model_len": 8}, {}, r"max_model_len` 8.*--max-model-len"),
+        ({"delay_s": 1.0}, {"teacher_server_timeout": 0.2}, r"no answer within 0.2 s \(`teacher_server_timeout`\)"),
+    ],
+    ids=["model_name", "k_above_cap", "max_model_len", "slow"],
+)
+def test_a_misconfigured_server_is_named_with_the_flag_to_change(tmp_path, models, dataset, server_kwargs, overrides,
+                                                                 message):
+    with StandInServer(models["teacher"], **server_kwargs) as server:
+        with pytest.raises(TeacherServerError, match=message) as error:
+            trainer_for(tmp_path, models, dataset, server.url, **overrides)
+    assert server.url in str(error.value)
+
+
+def test_a_server_with_another_tokenizer_is_refused(tmp_path, models, dataset):
+    """No teacher tokenizer is known locally (the name is not a path), so the shared vocabulary is assumed and the probe
+    finds the served model decodes ids otherwise."""
+    with StandInServer(models["bpe_teacher"], served_model_name="my-teacher") as server:
+        with pytest.raises(TeacherServerError, match=r"decodes token ids differently from the student's tokenizer"):
+            trainer_for(tmp_path, models, dataset, server.url, teacher_model_name_or_path="my-teacher")
+
+
+def test_a_server_whose_vocabulary_is_too_small_is_refused(tmp_path, models, dataset):
+    with StandInServer(models["small"]) as server:
+        with pytest.raises(TeacherServerError, match=r"out of vocabulary.*not the teacher TGPO checked"):
+            trainer_for(tmp_path, models, dataset, server.url, teacher_model_name_or_path=models["small"])
+
+
+def test_configuration_errors_name_the_field(tmp_path, models, dataset):
+    with pytest.raises(ValueError, match="http:// or https://"):
+        TGPOConfig(**config_settings(tmp_path, teacher_server_url="localhost:8000"))
+    with pytest.raises(ValueError, match="`teacher_model_init_kwargs`.*`teacher_server_url`"):
+        TGPOConfig(**config_settings(tmp_path, teacher_server_url="http://a:1", teacher_model_init_kwargs={"x": 1}))
+    with pytest.raises(ValueError, match="`teacher_server_timeout`"):
+        TGPOConfig(**config_settings(tmp_path, teacher_server_url="http://a:1", teacher_server_timeout=0))
+    config = TGPOConfig(**config_settings(tmp_path, teacher_server_url="http://a:1/v1/, https://b:2"))
+    assert config.teacher_server_url == ["http://a:1", "https://b:2"]
+    with pytest.raises(ValueError, match="`teacher_model` is a model object"):
+        TGPOTrainer(model=models["student"], reward_funcs=length_reward, train_dataset=dataset,
+                    args=TGPOConfig(**config_settings(tmp_path, teacher_server_url="http://a:1")),
+                    teacher_model=AutoModelForCausalLM.from_pretrained(models["teacher"]))
+
+
+# ---------------------------------------------------------------------------------------------- failures in a run
+
+
+class _StopServerAt(TrainerCallback):
+    """Kill the server once `step` optimizer steps are done, and keep the student's weights at that point."""
+
+    def __init__(self, server, step):
+        self.server, self.step, self.weights = server, step, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            self.weights = {key: value.clone() for key, value in model.state_dict().items()}
+            self.server.stop()
+
+
+def test_server_killed_mid_run_stops_before_the_optimizer_step_then_resumes(tmp_path, models, dataset):
+    server = StandInServer(models["teacher"]).start()
+    stop = _StopServerAt(server, 2)
+    trainer = trainer_for(tmp_path, models, dataset, server.url, callbacks=[stop], max_steps=4, save_strategy="steps",
+                          save_steps=1)
+    with pytest.raises(TeacherServerError, match=r"stopped at step 2 before the batch reached the optimizer") as error:
+        trainer.train()
+    assert "checkpoint-2" in str(error.value) and "resume_from_checkpoint" in str(error.value)
+    assert trainer.state.global_step == 2
+    after = trainer.model.state_dict()
+    assert all(torch.equal(after[key], value) for key, value in stop.weights.items())  # no step on the failed batch
+
+    with StandInServer(models["teacher"]) as restarted:
+        resumed = trainer_for(tmp_path, models, dataset, restarted.url, max_steps=4, save_strategy="steps",
+                              save_steps=1)
+        resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+        assert resumed.state.global_step == 4
+        assert len(restarted.requests) >= 3  # the probe, then steps 3 and 4
+
+
+def test_transient_5xx_is_retried_and_4xx_is_not(models, server):
+    tokenizer = models["tokenizer"]
+    client = ServedTeacher([server.url], models["teacher"], len(tokenizer), max_retries=2)
+    prompt = torch.tensor([[5, 6, 7]])
+    completion = torch.tensor([[8, 9, 10, 11]])
+    ones = torch.ones_like
+    first = client.submit(prompt, ones(prompt), completion, ones(completion)).result()
+    server.fail_next(2)
+    sent = len(server.requests)
+    again = client.submit(prompt, ones(prompt), completion, ones(completion)).result()
+    assert len(server.requests) == sent + 3 and torch.equal(first.logps, again.logps)
+    server.fail_next(3)
+    with pytest.raises(TeacherServerError, match=r"after 3 attempts.*503"):
+        client.submit(prompt, ones(prompt), completion, ones(completion)).result()
+    sent = len(server.requests)
+    client.model = "not-served"
+    with pytest.raises(TeacherServerError, match=r"refused the request \(404\).*does not exist"):
+        client.submit(prompt, ones(prompt), completion, ones(completion)).result()
+    assert len(server.requests) == sent + 1  # never retried
+
+
+def test_requests_are_spread_over_replicas_bounded_in_tokens_and_in_flight(models):
+    tokenizer = models["tokenizer"]
+    torch.manual_seed(0)
+    prompt = torch.randint(5, len(tokenizer), (12, 4))
+    completion = torch.randint(5, len(tokenizer), (12, 6))
+    mask = torch.ones_like(completion)
+    mask[3, 2:] = 0  # a shorter completion: only its first two tokens are sent
+    with StandInServer(models["teacher"]) as one, StandInServer(models["teacher"]) as two:
+        client = ServedTeacher([one.url, two.url], models["teacher"], len(tokenizer), request_tokens=20)
+        spread = client.submit(prompt, torch.ones_like(prompt), completion, mask).result()
+        batches = one.requests + two.requests
+    assert len(one.requests) == len(two.requests) == 3  # 6 requests of 2 rollouts (<= 20 tokens), round robin
+    assert sum(len(request["prompt"]) for request in batches) == 12
+    assert all(sum(map(len, request["prompt"])) <= 20 for request in batches)
+    assert all(request["max_tokens"] == 1 and request["prompt_logprobs"] == 1 for request in batches)
+    assert spread.valid[3, :2].all() and not spread.valid[3, 2:].any() and spread.valid[mask.bool()].all()
+
+    with StandInServer(models["teacher"], delay_s=0.2) as slow:
+        client = ServedTeacher([slow.url], models["teacher"], len(tokenizer), max_concurrent_requests=2,
+                               request_tokens=20)
+        bounded = client.submit(prompt, torch.ones_like(prompt), completion, mask).result()
+    assert len(slow.requests) == 6 and slow.max_in_flight == 2  # 6 requests, never more than 2 at once
+    assert torch.equal(bounded.logps, spread.logps) and torch.equal(bounded.argmax, spread.argmax)
+
+
+def test_minus_9999_and_nan_are_skipped_and_counted(tmp_path, models, dataset):
+    """-inf arrives as -9999.0 and NaN as null: those tokens are left out of the guidance and counted, as in process."""
+    def hook(log_probs, prompt_ids):
+        log_probs = log_probs.clone()
+        log_probs[-3, prompt_ids[-2]] = -math.inf  # the next-to-last token: -9999.0
+        log_probs[-2, prompt_ids[-1]] = math.nan  # the last token: null
+        return log_probs
+
+    with StandInServer(models["teacher"], logprob_hook=hook) as server:
+        trainer = trainer_for(tmp_path, models, dataset, server.url, guidance="kdrl")
+        inputs = generate(trainer, dataset)
+    mask = inputs["completion_mask"].bool()
+    lengths = mask.sum(1)
+    expected = torch.ones_like(mask)
+    for row, length in enumerate(lengths.tolist()):
+        expected[row, max(length - 2, 0):length] = False
+    assert torch.equal(inputs["teacher_valid"], mask & expected)
+    skipped = trainer._metrics["train"]["guidance/skipped_tokens"][-1]
+    assert skipped == (mask & ~expected).sum().item() > 0
+    assert torch.isfinite(inputs["teacher_logps"]).all()
+
