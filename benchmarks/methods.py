@@ -176,6 +176,7 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
         seed=seed,
         data_seed=seed,
         **method_config(method, settings),
+        **settings.get("extra_config", {}),  # pilots: other TGPOConfig fields (optimizer, beta, ...)
     )
     trainer = TGPOTrainer(
         model=student,

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from tgpo_trl.demo.models import tiny_llama, tiny_qwen2
 from tgpo_trl.demo.build import cross_tokenizer_corpus
 from tgpo_trl.demo.tokenizer import build_byte_level_tokenizer, build_char_tokenizer
+from vllm_standin import StandInServer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed" / "run_tgpo.py"
@@ -39,9 +40,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_worker(models: Path, out: Path, scenarios: list[str], recipe: str | None = None) -> dict[str, list[dict]]:
+def run_worker(models: Path, out: Path, scenarios: list[str], recipe: str | None = None,
+               env: dict | None = None) -> dict[str, list[dict]]:
     """Run the worker in one process, or under `accelerate launch --config_file recipe`: the reports, per scenario and
-    rank."""
+    rank. `env` adds environment variables."""
     command = [str(WORKER), "--models", str(models), "--out", str(out), "--scenarios", ",".join(scenarios)]
     if recipe is None:
         command = [sys.executable, *command]
@@ -50,7 +52,8 @@ def run_worker(models: Path, out: Path, scenarios: list[str], recipe: str | None
         command = [*launch, "--main_process_port", str(free_port()), *command]
     # The environment (HF_HUB_OFFLINE=1 from conftest among it) is inherited by the launcher and every rank
     result = subprocess.run(
-        command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=420,
+        command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, capture_output=True, text=True,
+        timeout=420,
         check=False,
     )
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
@@ -79,10 +82,18 @@ def models(tmp_path_factory):
     return directory
 
 
+def served_run(models: Path, out: Path, scenarios: list[str], recipe: str | None = None):
+    """`run_worker` with the teacher's stand-in server up (for `served_step`); the reports, and the server's requests."""
+    with StandInServer(models / "teacher") as server:
+        reports = run_worker(models, out, scenarios, recipe, env={"TGPO_TEST_TEACHER_SERVER": server.url})
+    return reports, server.requests
+
+
 @pytest.fixture(scope="module")
 def single(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    return out, run_worker(models, out, ["step"])
+    reports, requests = served_run(models, out, ["step", "served_step"])
+    return out, reports, requests
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +106,8 @@ def zero3(models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ddp(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    return out, run_worker(models, out, ["step", "resume"], recipe="ddp_cpu_2proc.yaml")
+    reports, requests = served_run(models, out, ["step", "resume", "served_step"], recipe="ddp_cpu_2proc.yaml")
+    return out, reports, requests
 
 
 def training_rows(log_history: list[dict]) -> list[dict]:
@@ -110,7 +122,8 @@ def assert_half_on_each_rank(summaries: list[dict]):
     assert sum(summary["partition"] for summary in summaries) >= summaries[0]["total"]
 
 
-def assert_same_step(reports: list[dict], reference: dict, out: Path, reference_out: Path, models: Path):
+def assert_same_step(reports: list[dict], reference: dict, out: Path, reference_out: Path, models: Path,
+                     scenario: str = "step"):
     """The logged step and the saved weights of a multi-process run equal those of one process."""
     assert [report["world_size"] for report in reports] == [2, 2]
     (expected,) = training_rows(reference["log_history"])
@@ -122,8 +135,8 @@ def assert_same_step(reports: list[dict], reference: dict, out: Path, reference_
 
     # SGD without clipping: the weight change is -lr * gradient, so equal weights are equal gradient steps
     initial = load_file(models / "student" / "model.safetensors")
-    one = load_file(reference_out / "step" / "final" / "model.safetensors")
-    two = load_file(out / "step" / "final" / "model.safetensors")
+    one = load_file(reference_out / scenario / "final" / "model.safetensors")
+    two = load_file(out / scenario / "final" / "model.safetensors")
     assert one.keys() == two.keys() == initial.keys()
     moved = max((one[name] - initial[name]).abs().max().item() for name in initial)
     assert moved > 1e-3
@@ -149,13 +162,13 @@ def test_zero3_partitions_teacher_and_student(zero3):
 
 def test_zero3_step_equals_one_process(zero3, single, models):
     out, reports = zero3
-    single_out, single_reports = single
+    single_out, single_reports, _ = single
     assert_same_step(reports["step"], single_reports["step"][0], out, single_out, models)
 
 
 def test_zero3_final_model_is_a_hugging_face_checkpoint(zero3, single):
     out, _ = zero3
-    single_out, _ = single
+    single_out, _, _ = single
     # Gathered on save (`zero3_save_16bit_model`): the whole model, not ZeRO partitions, loadable without DeepSpeed
     final = out / "step" / "final"
     assert not list(final.glob("global_step*")) and not (final / "pytorch_model.bin").exists()
@@ -251,8 +264,8 @@ def test_zero3_teacher_of_another_tokenizer_trains_and_resumes(zero3, models):
 
 
 def test_ddp_step_equals_one_process(ddp, single, models):
-    out, reports = ddp
-    single_out, single_reports = single
+    out, reports, _ = ddp
+    single_out, single_reports, _ = single
     assert_same_step(reports["step"], single_reports["step"][0], out, single_out, models)
     for report in reports["step"]:  # a full teacher on each process
         assert report["teacher"]["num_partitioned"] == 0
@@ -260,9 +273,25 @@ def test_ddp_step_equals_one_process(ddp, single, models):
 
 
 def test_ddp_checkpoint_resumes_the_guidance_schedule(ddp):
-    out, reports = ddp
+    out, reports, _ = ddp
     for report in reports["resume"]:
         resumed = training_rows(report["resumed_log_history"])
         assert [row["guidance/coef"] for row in resumed] == [0.5, 0.375, 0.25]
         assert report["resumed_steps_run"] == [3]  # only step 3 trained: 1-2 came from the checkpoint
     assert AutoModelForCausalLM.from_pretrained(out / "resume" / "final").num_parameters() > 0
+
+
+def test_ddp_served_teacher_step_equals_one_process(ddp, single, models):
+    """A served teacher across processes: each rank sends the requests of its own rows (4 of the 8), and the step, its
+    metrics and the saved weights equal one process's with the same served teacher."""
+    out, reports, requests = ddp
+    single_out, single_reports, single_requests = single
+    assert_same_step(reports["served_step"], single_reports["served_step"][0], out, single_out, models,
+                     scenario="served_step")
+    assert not any(report["teacher_in_process"] for report in reports["served_step"] + single_reports["served_step"])
+
+    def scored_rows(sent):  # the scoring requests (a probe sends one prompt of `PROBE_IDS + 1` ids)
+        return sorted(len(request["prompt"]) for request in sent if len(request["prompt"][0]) < 60)
+
+    assert scored_rows(single_requests) == [8]
+    assert scored_rows(requests) == [4, 4]

@@ -241,7 +241,21 @@ def run_cross_resume(models: Path, out: Path, world_size: int) -> dict:
     return run_resume(models, out, world_size, teacher="teacher_bpe")
 
 
-SCENARIOS = {"step": run_step, "resume": run_resume, "lora": run_lora, "cross_resume": run_cross_resume}
+def run_served_step(models: Path, out: Path, world_size: int) -> dict:
+    """`run_step` with the teacher served by the test's stand-in (`$TGPO_TEST_TEACHER_SERVER`): each rank sends the
+    requests of its own rows, and the logged metrics are reduced over ranks as with an in-process teacher."""
+    args = make_config(out, world_size, teacher_server_url=os.environ["TGPO_TEST_TEACHER_SERVER"],
+                       teacher_model_name_or_path=str(models / "teacher"))
+    trainer = make_trainer(models, args, teacher_model=None)
+    batch = fixed_batch(trainer.teacher_vocab_size)
+    with serve_fixed_batch(batch, trainer.accelerator.process_index, world_size):
+        trainer.train()
+    trainer.save_model(str(out / "final"))
+    return {"log_history": trainer.state.log_history, "teacher_in_process": trainer.teacher_model is not None}
+
+
+SCENARIOS = {"step": run_step, "resume": run_resume, "lora": run_lora, "cross_resume": run_cross_resume,
+             "served_step": run_served_step}
 
 
 def main():
