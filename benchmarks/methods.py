@@ -128,7 +128,8 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
     models = build_demo_models(size=settings["demo_size"], progress=False)
     tokenizer = AutoTokenizer.from_pretrained(models.tokenizer)
     student_name, teacher_name = REGIME_MODELS[regime]
-    student = AutoModelForCausalLM.from_pretrained(getattr(models, student_name))
+    # pilots may train another student (`student_path`); the regime's teacher stays
+    student = AutoModelForCausalLM.from_pretrained(settings.get("student_path") or getattr(models, student_name))
     if teacher_name == "teacher_bpe":
         teacher_path = build_cross_tokenizer_teacher(size=settings["demo_size"], progress=False)
     else:
@@ -137,6 +138,11 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
     test_set = build_dataset(settings["eval_size"], 0, "test")
     # Distinct training problems, a different stream per seed (the build pretrained on seed 0..2 streams of `train`)
     train_set = build_dataset(settings["steps"] * settings["prompts_per_step"], 100 + seed, "train")
+    if settings.get("fixed_problems"):  # pilots: the same few problems every step (can RL fit them at all?)
+        from datasets import concatenate_datasets
+
+        few = train_set.select(range(settings["fixed_problems"]))
+        train_set = concatenate_datasets([few] * (len(train_set) // len(few)))
 
     evaluations = []
 
@@ -154,7 +160,7 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
             if state.global_step % settings["eval_every"] == 0 or state.global_step == state.max_steps:
                 evaluate(model, state.global_step)
 
-    args = TGPOConfig(
+    config = dict(
         output_dir=tempfile.mkdtemp(prefix="tgpo-benchmark-"),  # nothing is saved there
         max_steps=settings["steps"],
         per_device_train_batch_size=settings["prompts_per_step"] * settings["num_generations"],
@@ -178,16 +184,27 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
         **method_config(method, settings),
         **settings.get("extra_config", {}),  # pilots: other TGPOConfig fields (optimizer, beta, ...)
     )
-    trainer = TGPOTrainer(
-        model=student,
-        reward_funcs=get_reward_funcs(settings["reward"]),
-        args=args,
-        train_dataset=train_set,
-        processing_class=tokenizer,
-        teacher_model=teacher,
-        teacher_processing_class=AutoTokenizer.from_pretrained(teacher_path),
-        callbacks=[Recorder()],
-    )
+    args = TGPOConfig(**config)
+    if settings.get("trl_grpo"):  # pilots: TRL's own GRPOTrainer, the same fields without TGPO's and no teacher
+        import dataclasses
+
+        from trl import GRPOConfig, GRPOTrainer
+
+        grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+        grpo_args = GRPOConfig(**{k: v for k, v in config.items() if k in grpo_fields})
+        trainer = GRPOTrainer(model=student, reward_funcs=get_reward_funcs(settings["reward"]), args=grpo_args,
+                              train_dataset=train_set, processing_class=tokenizer, callbacks=[Recorder()])
+    else:
+        trainer = TGPOTrainer(
+            model=student,
+            reward_funcs=get_reward_funcs(settings["reward"]),
+            args=args,
+            train_dataset=train_set,
+            processing_class=tokenizer,
+            teacher_model=teacher,
+            teacher_processing_class=AutoTokenizer.from_pretrained(teacher_path),
+            callbacks=[Recorder()],
+        )
     trainer.remove_callback(PrinterCallback)  # the per-step log dicts are kept in `state.log_history`, not printed
     started = time.perf_counter()
     error = None
