@@ -249,6 +249,9 @@ def test_configuration_errors_name_the_field(tmp_path, models, dataset):
         TGPOConfig(**config_settings(tmp_path, teacher_server_url="http://a:1", teacher_server_timeout=0))
     config = TGPOConfig(**config_settings(tmp_path, teacher_server_url="http://a:1/v1/, https://b:2"))
     assert config.teacher_server_url == ["http://a:1", "https://b:2"]
+    # the command line's list flag with comma-separated replicas (`--teacher_server_url http://a:1,http://b:2`)
+    assert TGPOConfig(**config_settings(tmp_path, teacher_server_url=["http://a:1,http://b:2"])).teacher_server_url == [
+        "http://a:1", "http://b:2"]
     with pytest.raises(ValueError, match="`teacher_model` is a model object"):
         TGPOTrainer(model=models["student"], reward_funcs=length_reward, train_dataset=dataset,
                     args=TGPOConfig(**config_settings(tmp_path, teacher_server_url="http://a:1")),

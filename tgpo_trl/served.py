@@ -54,12 +54,10 @@ class TeacherServerError(RuntimeError):
 def server_urls(value) -> list[str]:
     """`teacher_server_url` as a list of base URLs: one string (comma-separated replicas allowed) or a list; a
     trailing `/` or `/v1` is dropped (requests go to `<url>/v1/completions`)."""
-    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [part for item in ([value] if isinstance(value, str) else value) for part in str(item).split(",")]
     urls = []
     for item in items:
-        url = str(item).strip().rstrip("/")
-        if url.endswith("/v1"):
-            url = url[: -len("/v1")]
+        url = item.strip().rstrip("/").removesuffix("/v1")
         if not url:
             continue
         if not url.startswith(("http://", "https://")):

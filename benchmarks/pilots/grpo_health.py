@@ -6,6 +6,8 @@ held-out greedy accuracy every 25 steps, the mean sampled reward, the share of g
     python benchmarks/pilots/grpo_health.py [CONFIG ...]   # default: every configuration; results in
                                                            # outputs/pilots/grpo_health/<config>.json (resumable)
     python benchmarks/pilots/grpo_health.py --headroom     # before RL: greedy vs sampled accuracy, per model
+    python benchmarks/pilots/grpo_health.py --lucky        # right answers with a wrong worked solution
+    python benchmarks/pilots/grpo_health.py --report       # docs/benchmarks/grpo_health.{json,md}
 
 Findings: docs/benchmarks/grpo_health.md.
 """
@@ -44,6 +46,25 @@ CONFIGS = {
                                   "regime": "large_gap"},
     # can GRPO fit the problems it trains on at all? the same 8 problems every step
     "fixed8_lr1e-4": {"fixed_problems": 8, "steps": 60, "eval_every": 20},
+    # where the damage comes from: never push a wrong sample down (advantages clipped at 0)
+    "positive_adv_lr1e-4": {"positive_advantages": True},
+    "positive_adv_lr3e-5_t0.5": {"positive_advantages": True, "learning_rate": 3e-5, "temperature": 0.5},
+    "positive_adv_lr1e-4_t0.5": {"positive_advantages": True, "temperature": 0.5},
+    "positive_adv_lr1e-4_fixed8": {"positive_advantages": True, "fixed_problems": 8, "steps": 60, "eval_every": 20},
+    # a reward that checks the worked solution, not only the answer (`verified_reward`)
+    "verified_lr1e-4": {"reward": "verified"},
+    "verified_lr3e-5_t0.5": {"reward": "verified", "learning_rate": 3e-5, "temperature": 0.5},
+    "verified_lr1e-4_t0.5": {"reward": "verified", "temperature": 0.5},
+    "verified_lr1e-4_large_gap": {"reward": "verified", "regime": "large_gap"},
+    "verified_lr3e-5_t0.5_large_gap": {"reward": "verified", "learning_rate": 3e-5, "temperature": 0.5,
+                                       "regime": "large_gap"},
+    # is it Adam's per-coordinate step (sparse signals become full-size steps)? the same runs with SGD
+    "sgd_lr1e-2_t0.5": {"extra_config": {"optim": "sgd"}, "learning_rate": 1e-2, "temperature": 0.5},
+    "sgd_lr3e-3_t0.5": {"extra_config": {"optim": "sgd"}, "learning_rate": 3e-3, "temperature": 0.5},
+    "sgd_lr1e-2_t0.5_large_gap": {"extra_config": {"optim": "sgd"}, "learning_rate": 1e-2, "temperature": 0.5,
+                                  "regime": "large_gap"},
+    "verified_sgd_lr1e-2_t0.5_large_gap": {"reward": "verified", "extra_config": {"optim": "sgd"},
+                                           "learning_rate": 1e-2, "temperature": 0.5, "regime": "large_gap"},
     # TRL's own GRPOTrainer on the same setup, to rule out TGPO's wiring
     "trl_grpo_lr1e-5_t0.3": {"trl_grpo": True, "learning_rate": 1e-5, "temperature": 0.3},
     "trl_grpo_base": {"trl_grpo": True},
@@ -57,6 +78,10 @@ CONFIGS = {
     "batch32_lr3e-5_t0.5": {"prompts_per_step": 32, "learning_rate": 3e-5, "temperature": 0.5},
     "batch32_lr1e-4_t0.5": {"prompts_per_step": 32, "learning_rate": 1e-4, "temperature": 0.5},
     "batch32_lr1e-5_t0.5": {"prompts_per_step": 32, "learning_rate": 1e-5, "temperature": 0.5},
+    "batch32_lr1e-5_t0.5_300": {"prompts_per_step": 32, "learning_rate": 1e-5, "temperature": 0.5, "steps": 300,
+                                "eval_every": 50},
+    "batch32_lr1e-5_t0.3_300": {"prompts_per_step": 32, "learning_rate": 1e-5, "temperature": 0.3, "steps": 300,
+                                "eval_every": 50},
 }
 OUT = common.REPO / "outputs" / "pilots" / "grpo_health"
 
@@ -81,10 +106,81 @@ def variant_student(steps: int) -> str:
     return str(path)
 
 
+def _reinforce_successes_only():
+    """In this worker: GRPO with its advantages clipped at 0, so a wrong sample is never pushed down (only the right
+    ones of a group are pushed up). A probe of where GRPO's damage comes from, not a method of the benchmark."""
+    from tgpo_trl import TGPOTrainer
+
+    generate_and_score = TGPOTrainer._generate_and_score_completions
+
+    def clipped(self, inputs):
+        output = generate_and_score(self, inputs)
+        output["advantages"] = output["advantages"].clamp(min=0)
+        return output
+
+    TGPOTrainer._generate_and_score_completions = clipped
+
+
+def verified_reward(completions, answer, prompts=None, prompt=None, **kwargs):
+    """1.0 only for a right answer whose worked solution is right too: the completion is the column method's solution
+    of its problem, in the teacher's or the commas style (`tgpo_trl.demo.task.solution_text`); else 0.0. A lucky right
+    answer after wrong column sums earns nothing."""
+    from tgpo_trl.demo.task import solution_text
+    from tgpo_trl.rewards import completion_text
+
+    prompts = prompts if prompts is not None else prompt
+    rewards = []
+    for completion, gold, conversation in zip(completions, answer, prompts, strict=True):
+        question = conversation[-1]["content"] if isinstance(conversation, list) else conversation
+        problem = {"numbers": [int(n) for n in question.split("+")], "question": question, "answer": str(gold)}
+        text = completion_text(completion).strip()
+        rewards.append(float(text in {solution_text(problem, style).strip() for style in ("teacher", "commas")}))
+    return rewards
+
+
+def lucky_answers(num_problems=200, group=8, temperature=0.5):
+    """Of the sampled completions with the right answer, how many have the right worked solution (`verified_reward`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tgpo_trl.demo.build import build_demo_models
+    from tgpo_trl.demo.evaluate import encode_prompts
+    from tgpo_trl.demo.task import build_dataset
+    from tgpo_trl.rewards import exact_match_reward
+
+    torch.set_num_threads(1)
+    models = build_demo_models(progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(models.tokenizer)
+    test = build_dataset(num_problems, 0, "test")
+    result = {"problems": num_problems, "group": group, "temperature": temperature}
+    for name in ("student_small_gap", "student_large_gap"):
+        model = AutoModelForCausalLM.from_pretrained(getattr(models, name)).eval()
+        torch.manual_seed(0)
+        right = verified = 0
+        for ids, prompt, answer in zip(encode_prompts(tokenizer, test["prompt"]), test["prompt"], test["answer"],
+                                       strict=True):
+            x = torch.tensor([ids] * group)
+            with torch.no_grad():
+                y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=temperature,
+                                   top_k=0, max_new_tokens=40, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id)
+            texts = tokenizer.batch_decode(y[:, x.size(1):], skip_special_tokens=True)
+            right += sum(exact_match_reward(texts, answer=[answer] * group))
+            verified += sum(verified_reward(texts, answer=[answer] * group, prompts=[prompt] * group))
+        result[name] = {"right_answers": right, "with_the_right_solution": verified}
+        print(name, result[name], flush=True)
+    (OUT / "lucky.json").write_text(json.dumps(result, indent=2))
+
+
 def job(name):
     path = OUT / f"{name}.json"
     if not path.exists():
         settings = {**BASE, **CONFIGS[name]}
+        if settings.pop("positive_advantages", False):
+            _reinforce_successes_only()
+        from tgpo_trl import rewards
+
+        rewards.REWARD_FUNCS["verified"] = verified_reward  # this worker's registry: the pilot's own reward
         if "student_steps" in settings:
             settings["student_path"] = variant_student(settings["student_steps"])
         methods.run_one(settings.pop("regime", "small_gap"), "grpo", 0, settings, str(path))
@@ -201,15 +297,29 @@ Before any RL (`--headroom`, {problems} held-out problems, groups of {group}):
 - **What GRPO reinforces here does not transfer.** On those 8 problems, the held-out greedy accuracy falls from 18% to
   3% while their reward rises: the updates that make a sampled answer right on one problem are specific to it, and
   damage the column-sum skill the held-out problems need. With new problems every step (the benchmark), the sampled
-  reward on new problems never rises, for any student, learning rate, batch or temperature tried: the same updates
-  act as noise, which the student absorbs at 1e-5 and below and which costs it accuracy above. TGPO's target is the
-  skill itself (the teacher's next digit, on every problem), which is why its small-gap gain is not evidence against
-  a healthy GRPO: that baseline does not exist in this setup.
-- **So the setup, not GRPO's settings, has to change** for the comparison to have a healthy RL baseline, and
-  issue 14 stays open on it. Next to try: far more rollouts per step at 1e-5 (256 and more, at 4x the cost per step),
-  a task whose reward generalises across problems (the second task family of part 3 can be chosen for it, with GRPO's
-  improvement as the criterion), and a per-token check of what the reinforced tokens are (the answer digits only, or
-  the column sums).
+  reward on new problems never rises, for any student, learning rate, batch, temperature or optimizer tried.
+- **Three mechanisms, measured, none enough alone:**
+  1. *Lucky answers* (`--lucky`, {lucky_problems} problems x {lucky_group} samples at temperature {lucky_temperature}): of
+     the small-gap student's {small_right} samples with the right answer, only {small_verified} have the right worked
+     solution; of the large-gap student's {large_right}, {large_verified}. For the small-gap student, an outcome reward
+     mostly reinforces wrong column sums that happened to end on the right answer. But clipping the advantages at 0 (`positive_adv_*`: only
+     right samples pushed up, wrong ones never pushed down) degrades as fast, and so does a reward that checks the
+     whole solution (`verified_*`), on the large-gap student too.
+  2. *Adam's per-coordinate step*: with the verified reward, 96-100% of the small-gap student's groups carry no signal,
+     and Adam at 1e-4 still takes its held-out accuracy from 18% to 0%: each rare gradient moves every coordinate by a
+     full `lr`-sized step (and ~10 more through the momentum). The issue's hypothesis holds, but is not all of it:
+  3. SGD degrades too, more slowly (`sgd_*`: 18% -> 12-16% in 100 steps at 3e-3 and 1e-2, the sampled reward on new
+     problems falling), so the gradient of this objective on this model is not an ascent direction at any step size
+     that moves the weights, while on 8 fixed problems it is.
+  TGPO's target is the skill itself (the teacher's next digit, on every problem), which is why its small-gap gain is
+  not evidence against a healthy GRPO: that baseline does not exist in this setup.
+- **The one setting that rose**: 32 prompts x 8 rollouts per step (4x the benchmark's), temperature 0.3, lr 1e-5, 300
+  steps (`batch32_lr1e-5_t0.3_300`): 18% -> 19.5 / 21 / 22 / 24.5 / 26.5 / 22.5%, one seed, its sampled reward
+  0.105 -> 0.114. It is the lead to follow (more seeds, longer), at 4x the cost per step.
+- **So the setup, not GRPO's settings, has to change** for the comparison to have a healthy RL baseline, and issue 14
+  stays open on it. Next: the large-batch, low-temperature setting above with more seeds; a task whose reward
+  generalises across problems (the second task family of part 3 can be chosen with GRPO's improvement as the
+  criterion); then parts 2-5 (`benchmarks/evidence.py`) on that setup.
 """
 
 
@@ -234,10 +344,16 @@ def report():
                 table.append(f"| {name} | {100 * head[name]['greedy_accuracy']:.1f}% | {key.split()[1]} | "
                              f"{100 * value['sampled_accuracy']:.1f}% | {100 * value['groups_with_a_correct_sample']:.1f}% | "
                              f"{100 * value['greedy_wrong_but_a_sample_right']:.1f}% |")
-    text = REPORT_TEXT.format(runs="\n".join(rows), headroom="\n".join(table),
-                              problems=head["problems"] if head else "-", group=head["group"] if head else "-")
+    lucky = json.loads((OUT / "lucky.json").read_text())
+    text = REPORT_TEXT.format(
+        runs="\n".join(rows), headroom="\n".join(table), problems=head["problems"], group=head["group"],
+        lucky_problems=lucky["problems"], lucky_group=lucky["group"], lucky_temperature=lucky["temperature"],
+        small_right=int(lucky["student_small_gap"]["right_answers"]),
+        small_verified=int(lucky["student_small_gap"]["with_the_right_solution"]),
+        large_right=int(lucky["student_large_gap"]["right_answers"]),
+        large_verified=int(lucky["student_large_gap"]["with_the_right_solution"]))
     docs = common.DOCS
-    common.write_json(docs / "grpo_health.json", {"runs": summary, "headroom": head,
+    common.write_json(docs / "grpo_health.json", {"runs": summary, "headroom": head, "lucky": lucky,
                                                   "configs": {name: CONFIGS[name] for name in names}, "base": BASE})
     (docs / "grpo_health.md").write_text(text.lstrip())
 
@@ -245,6 +361,10 @@ def report():
 if __name__ == "__main__":
     if sys.argv[1:] == ["--report"]:
         report()
+        raise SystemExit
+    if sys.argv[1:] == ["--lucky"]:
+        OUT.mkdir(parents=True, exist_ok=True)
+        lucky_answers()
         raise SystemExit
     if sys.argv[1:] == ["--headroom"]:
         OUT.mkdir(parents=True, exist_ok=True)
