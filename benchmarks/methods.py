@@ -105,8 +105,15 @@ def method_config(method: str, settings: dict) -> dict:
     raise ValueError(f"Unknown method {method!r}; valid: {', '.join(METHODS)}")
 
 
-def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> dict:
-    """Train one student with one method and seed; write and return its record (runs in a fresh process)."""
+def run_one(regime: str, method: str, seed: int, settings: dict, path: str, family=None) -> dict:
+    """Train one student with one method and seed; write and return its record (runs in a fresh process).
+
+    For `benchmarks/evidence.py`, which tunes on one held-out split and reports on another, over task families:
+    `family` (its `Family`) gives the models, tokenizer, data, reward and answer checker instead of the demo's
+    `REGIME_MODELS`; `settings["eval_split"]` names the split the evaluations use (default "test");
+    `settings["record_problems"]` keeps the final evaluation's per-problem 0/1 correctness (`final_problems`), for a
+    bootstrap over problems. Without them the run and its record are the methods benchmark's.
+    """
     import torch
 
     torch.set_num_threads(1)
@@ -120,22 +127,31 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
 
     from tgpo_trl import TGPOConfig, TGPOTrainer
     from tgpo_trl.demo.build import build_cross_tokenizer_teacher, build_demo_models
-    from tgpo_trl.demo.evaluate import greedy_evaluation
+    from tgpo_trl.demo.evaluate import greedy_completions
     from tgpo_trl.demo.task import build_dataset
-    from tgpo_trl.rewards import get_reward_funcs
+    from tgpo_trl.rewards import exact_match_reward, get_reward_funcs
 
     hf_logging.set_verbosity_error()
-    models = build_demo_models(size=settings["demo_size"], progress=False)
-    tokenizer = AutoTokenizer.from_pretrained(models.tokenizer)
-    student_name, teacher_name = REGIME_MODELS[regime]
-    # pilots may train another student (`student_path`); the regime's teacher stays
-    student = AutoModelForCausalLM.from_pretrained(settings.get("student_path") or getattr(models, student_name))
-    if teacher_name == "teacher_bpe":
-        teacher_path = build_cross_tokenizer_teacher(size=settings["demo_size"], progress=False)
+    if family is None:
+        models = build_demo_models(size=settings["demo_size"], progress=False)
+        tokenizer = AutoTokenizer.from_pretrained(models.tokenizer)
+        student_name, teacher_name = REGIME_MODELS[regime]
+        student_path = getattr(models, student_name)
+        if teacher_name == "teacher_bpe":
+            teacher_path = build_cross_tokenizer_teacher(size=settings["demo_size"], progress=False)
+        else:
+            teacher_path = getattr(models, teacher_name)
+
+        def correct(texts, answers):
+            return exact_match_reward(texts, answer=answers)
     else:
-        teacher_path = getattr(models, teacher_name)
+        tokenizer = AutoTokenizer.from_pretrained(family.tokenizer(settings["demo_size"]))
+        student_path, teacher_path = family.models(settings["demo_size"])[regime]
+        build_dataset, get_reward_funcs, correct = family.dataset, family.reward_funcs, family.correct
+    # pilots may train another student (`student_path`); the regime's teacher stays
+    student = AutoModelForCausalLM.from_pretrained(settings.get("student_path") or student_path)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path)
-    test_set = build_dataset(settings["eval_size"], 0, "test")
+    test_set = build_dataset(settings["eval_size"], 0, settings.get("eval_split", "test"))
     # Distinct training problems, a different stream per seed (the build pretrained on seed 0..2 streams of `train`)
     train_set = build_dataset(settings["steps"] * settings["prompts_per_step"], 100 + seed, "train")
     if settings.get("fixed_problems"):  # pilots: the same few problems every step (can RL fit them at all?)
@@ -144,12 +160,16 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
         few = train_set.select(range(settings["fixed_problems"]))
         train_set = concatenate_datasets([few] * (len(train_set) // len(few)))
 
-    evaluations = []
+    evaluations, final_problems = [], []
 
     def evaluate(model, step):
+        # `greedy_evaluation`'s accuracy and length, with the per-problem scores it sums kept
         was_training = model.training
-        result = greedy_evaluation(model, tokenizer, test_set, settings["max_completion_length"])
-        evaluations.append({"step": step, "accuracy": result.accuracy, "mean_length": result.mean_length})
+        completions = greedy_completions(model, tokenizer, test_set["prompt"], settings["max_completion_length"])
+        scores = correct(tokenizer.batch_decode(completions, skip_special_tokens=True), list(test_set["answer"]))
+        final_problems[:] = [int(score) for score in scores]
+        evaluations.append({"step": step, "accuracy": sum(scores) / len(scores),
+                            "mean_length": sum(map(len, completions)) / len(completions)})
         model.train(was_training)
 
     class Recorder(TrainerCallback):
@@ -230,6 +250,10 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str) -> d
         "evaluations": evaluations,
         "logs": logs,
     }
+    if family is not None:
+        record["family"] = family.name
+    if settings.get("record_problems"):
+        record["final_problems"] = final_problems  # 0/1 per evaluation problem, in the split's order
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     tmp.rename(path)

@@ -82,6 +82,8 @@ CONFIGS = {
                                 "eval_every": 50},
     "batch32_lr1e-5_t0.3_300": {"prompts_per_step": 32, "learning_rate": 1e-5, "temperature": 0.3, "steps": 300,
                                 "eval_every": 50},
+    **{f"batch32_lr1e-5_t0.3_300_seed{seed}": {"prompts_per_step": 32, "learning_rate": 1e-5, "temperature": 0.3,
+                                               "steps": 300, "eval_every": 50, "seed": seed} for seed in (1, 2)},
 }
 OUT = common.REPO / "outputs" / "pilots" / "grpo_health"
 
@@ -183,7 +185,8 @@ def job(name):
         rewards.REWARD_FUNCS["verified"] = verified_reward  # this worker's registry: the pilot's own reward
         if "student_steps" in settings:
             settings["student_path"] = variant_student(settings["student_steps"])
-        methods.run_one(settings.pop("regime", "small_gap"), "grpo", 0, settings, str(path))
+        regime, seed = settings.pop("regime", "small_gap"), settings.pop("seed", 0)
+        methods.run_one(regime, "grpo", seed, settings, str(path))
     return name
 
 

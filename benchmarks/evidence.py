@@ -1,0 +1,633 @@
+"""Evidence for TGPO: tuned baselines, a validation split apart from the test split, seeds, and a bootstrap interval
+over seeds and problems (GitHub issue 14).
+
+    python benchmarks/evidence.py                   # tune, final, aggregate in order: docs/benchmarks/evidence.*
+    python benchmarks/evidence.py --part tune       # only the tuning runs (validation split, one seed)
+    python benchmarks/evidence.py --part final      # the best configurations with every seed (test split)
+    python benchmarks/evidence.py --part aggregate  # only rebuild evidence.json, evidence.md and the PNGs
+    python benchmarks/evidence.py --quick           # quick demo models, 2 steps, 8-problem splits: checks the pipeline
+    python benchmarks/evidence.py --help            # every flag (--families, --regimes, --seeds, --steps, --jobs, ...)
+
+Protocol:
+- Families (`FAMILIES`): a task with its own models, data and answer checker, in the regimes `large_gap` and
+  `small_gap`. `column_sum` is the demo task (`tgpo_trl.demo`): the sum of three two-digit numbers, the students
+  `student_large_gap` / `student_small_gap` and the demo `teacher`. A second family is one more `Family` entry.
+- Splits: training problems are task.py's `train` split; its held-out problems are divided by a second hash of the
+  question into `validation` (tuning, 200 problems) and `test` (reported, 500), so the selection never sees what it
+  is judged on.
+- Methods: `grpo`, `opd`, `kdrl`, `tgpo` (`benchmarks.methods.method_config`), and `tgpo_paper`: the paper's recipe,
+  lambda_0 = 0.002 decayed linearly to 0 over the run, at `tgpo`'s tuned learning rate, not tuned itself.
+- Equal tuning budget: every tuned method gets the same number of configurations (`GRID`, at most 6) at one seed,
+  scored by the final greedy accuracy on the validation split: learning rate {1e-5, 3e-5, 1e-4} x coefficient
+  {0.1, 1.0} (`opd_coef` for opd, lambda_0 for kdrl and tgpo, constant schedule). GRPO has no coefficient; its second
+  axis is the rollout temperature {0.5, 0.7} (0.7: the shared setting; 0.5: the healthiest GRPO setting in
+  docs/benchmarks/grpo_health.md). The group size would also change the cost per step and the batch, which no other
+  method's axis does. The best configuration per family x regime x method (the first in grid order on ties) is then
+  trained with every seed (default 0-4) and evaluated on the test split, its per-problem correctness kept.
+- Interval: per family x regime, `tgpo` minus the best baseline (the one of grpo/opd/kdrl with the highest mean test
+  accuracy), paired by seed; a percentile bootstrap 95% interval that resamples seeds and, within each resampled
+  seed, test problems (the same problems for both methods), B = 2000, fixed RNG seed (`paired_bootstrap`). A win is
+  claimed only where the interval's low end is above 0.
+
+Each run is `benchmarks.methods.run_one` (a fresh process at one torch thread, `--jobs` at once; `--quick`: in this
+process) and writes `<results-dir>/<part>/<family>/<regime>/<method>/<config-or-seed>.json`
+(`tune/column_sum/small_gap/tgpo/lr1e-05_coef0.1.json`, `final/column_sum/small_gap/tgpo/seed0.json`): its record,
+with `final_problems` (0/1 per problem of the split); a `tgpo_paper` record names the trainer method, `tgpo`. A run
+whose JSON exists is skipped, so an interrupted benchmark resumes. `evidence.json`, `evidence.md` and
+`evidence_<family>_<regime>.png` (held-out accuracy, completion length and the gap metrics over steps: where OPD and
+KDRL derail, if they do) go to `--out-dir`.
+
+Cost: a 100-step run of column_sum takes ~35 s at one thread on this machine (2 cores). Per family, 2 regimes x
+(4 tuned methods x 6 configurations + 5 methods x 5 seeds) = 48 tuning + 50 final = 98 runs of 150 steps: ~53 s of
+training each, ~10 s of process start-up (the evaluations, 200 or 500 problems, take under a second): ~1.7 h of run
+time, ~50-55 min of wall time at `--jobs 2`. The script prints its estimate before each part.
+
+Not meaningful yet: GRPO is not a healthy baseline on column_sum (docs/benchmarks/grpo_health.md: no setting of this
+setup made it improve the students; above 3e-5 it loses accuracy, below it stays flat), so its tuned row is only the
+least harmful learning rate and a TGPO win over it says little. The shared setup (`FULL`: students, rollouts per step,
+reward, steps) must be revisited, or a family added whose reward generalises across problems, before the full run is
+worth its cost.
+"""
+
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: every run trains at one thread
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks`, `tgpo_trl`
+# first: it sets the offline environment before transformers and TRL load
+from benchmarks import common, methods  # noqa: I001  (before the imports below: see the line above)
+
+import numpy as np
+from datasets import Dataset
+
+from tgpo_trl.demo import task
+from tgpo_trl.rewards import exact_match_reward, get_reward_funcs
+
+REGIMES = ("large_gap", "small_gap")
+ROWS = ("grpo", "opd", "kdrl", "tgpo", "tgpo_paper")  # the methods reported
+TUNED = ("grpo", "opd", "kdrl", "tgpo")
+BASELINES = ("grpo", "opd", "kdrl")
+TRAINER_METHOD = {"tgpo_paper": "tgpo"}  # the `methods.method_config` method of a row that is not one itself
+# The paper's recipe: lambda_0 = 0.002, linear to 0 at the last step (D = steps)
+PAPER = {"guidance_coef": 0.002, "guidance_schedule": "linear", "decay_fraction": 1.0}
+MAX_CONFIGS = 6
+LEARNING_RATES = (1e-5, 3e-5, 1e-4)
+COEFFICIENTS = (0.1, 1.0)
+# Settings each tuned method's configurations override (the product of the axes); see the docstring for GRPO's axis
+GRID = {
+    "grpo": {"learning_rate": LEARNING_RATES, "temperature": (0.5, 0.7)},
+    "opd": {"learning_rate": LEARNING_RATES, "opd_coef": COEFFICIENTS},
+    "kdrl": {"learning_rate": LEARNING_RATES, "guidance_coef": COEFFICIENTS},
+    "tgpo": {"learning_rate": LEARNING_RATES, "guidance_coef": COEFFICIENTS},
+}
+QUICK_GRID = {method: {**axes, "learning_rate": (1e-4,)} for method, axes in GRID.items()}  # 2 configurations each
+SHORT = {"learning_rate": "lr", "temperature": "t", "opd_coef": "coef", "guidance_coef": "coef"}
+RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+# For the printed estimate only: a 100-step column_sum run at one thread takes ~35 s, a fresh process ~10 s to start
+SECONDS_PER_STEP, START_SECONDS = 0.35, 10
+
+# The methods benchmark's shared settings (lr, temperature and coefficients are overridden by the grid), with the
+# evaluation split into validation and test. GRPO is not healthy at these (grpo_health.md): revisit before the full run.
+FULL = {
+    **{k: v for k, v in methods.FULL.items() if k not in ("eval_size", "seeds")},
+    "seeds": [0, 1, 2, 3, 4],
+    "tune_seed": 0,
+    "validation_size": 200,
+    "test_size": 500,
+}
+QUICK = {**FULL, "steps": 2, "eval_every": 1, "demo_size": "quick", "prompts_per_step": 2, "num_generations": 2,
+         "max_completion_length": 16, "seeds": [0, 1], "validation_size": 8, "test_size": 8}
+EVIDENCE_ONLY = ("seeds", "tune_seed", "validation_size", "test_size")  # not settings of one run
+
+
+# ---------------------------------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class Family:
+    """A task with its own models: what `methods.run_one(family=...)` needs to train and score a student.
+
+    `models(size)` -> {regime: (student path, teacher path)} (building them if needed); `tokenizer(size)` -> path;
+    `dataset(n, seed, split)` -> `n` distinct problems (`prompt`, `answer`) of "train", "validation" or "test";
+    `correct(texts, answers)` -> 1/0 per completion; `reward_funcs(name)` -> the training rewards.
+    """
+
+    name: str
+    description: str
+    models: Callable[[str], dict]
+    tokenizer: Callable[[str], str]
+    dataset: Callable[[int, int, str], Dataset]
+    correct: Callable[[list, list], list]
+    reward_funcs: Callable[[str], list] = get_reward_funcs
+
+
+def _column_sum_models(size: str) -> dict:
+    from tgpo_trl.demo.build import build_demo_models
+
+    models = build_demo_models(size=size, progress=False)
+    return {"large_gap": (str(models.student_large_gap), str(models.teacher)),
+            "small_gap": (str(models.student_small_gap), str(models.teacher))}
+
+
+def _column_sum_tokenizer(size: str) -> str:
+    from tgpo_trl.demo.build import build_demo_models
+
+    return str(build_demo_models(size=size, progress=False).tokenizer)
+
+
+def column_sum_split(question: str) -> str:
+    """"train", "validation" or "test": task.py's split, then its held-out problems halved by a second hash.
+
+    SHA-256, not CRC-32: CRC is affine over GF(2), so `crc32("validation:" + q) % 2` is fixed by `crc32(q) % 2` for
+    questions of one length, and every held-out question (crc32 % 10 == 0, hence even) would fall on one side.
+    """
+    if task.problem_split(question) == "train":
+        return "train"
+    return "validation" if hashlib.sha256(("validation:" + question).encode()).digest()[0] % 2 == 0 else "test"
+
+
+def column_sum_dataset(n: int, seed: int, split: str) -> Dataset:
+    """`n` distinct problems of `split`, as `task.build_dataset` (whose `train` split it is)."""
+    if split == "train":
+        return task.build_dataset(n, seed, "train")
+    if split not in ("validation", "test"):
+        raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
+    problems = {}
+    for problem in task.iter_problems(seed, "test"):
+        if column_sum_split(problem["question"]) == split:
+            problems.setdefault(problem["question"], problem["answer"])
+            if len(problems) == n:
+                break
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in problems],
+                              "answer": list(problems.values())})
+
+
+def _column_sum_correct(texts: list, answers: list) -> list:
+    return exact_match_reward(texts, answer=answers)
+
+
+FAMILIES = {
+    "column_sum": Family(
+        name="column_sum",
+        description="sum of three two-digit numbers (tgpo_trl.demo.task), the demo's students and teacher",
+        models=_column_sum_models,
+        tokenizer=_column_sum_tokenizer,
+        dataset=column_sum_dataset,
+        correct=_column_sum_correct,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------------- the bootstrap
+
+
+def paired_bootstrap(method, baseline, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                     level: float = 0.95) -> tuple[float, float, float]:
+    """(mean difference, low, high) of `method` minus `baseline`: two (seeds x problems) arrays of 0/1, row k of both
+    from the same seed and column i from the same problem. A percentile interval over `resamples` draws of seeds with
+    replacement and, within each drawn seed, problems with replacement (the same ones for both methods): it carries
+    the seed-to-seed spread and the finite test set, which a t-interval over 5 seed means would not."""
+    method, baseline = np.asarray(method, dtype=float), np.asarray(baseline, dtype=float)
+    if method.shape != baseline.shape or method.ndim != 2 or method.size == 0:
+        raise ValueError(f"expected two (seeds, problems) arrays of one shape, got {method.shape} and {baseline.shape}")
+    difference = method - baseline
+    n_seeds, n_problems = difference.shape
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, n_seeds, (resamples, n_seeds))
+    problems = rng.integers(0, n_problems, (resamples, n_seeds, n_problems))
+    draws = difference[seeds[:, :, None], problems].mean(axis=(1, 2))
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return float(difference.mean()), float(low), float(high)
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+
+
+def configurations(axes: dict) -> list[dict]:
+    """The grid's configurations of one method, in grid order (the order that breaks ties)."""
+    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+def config_name(config: dict) -> str:
+    return "_".join(f"{SHORT.get(key, key)}{value:g}" for key, value in config.items())
+
+
+def check_grid(grid: dict) -> None:
+    """The equal tuning budget: every tuned method has the same number of configurations, at most `MAX_CONFIGS`."""
+    sizes = {method: len(configurations(grid[method])) for method in TUNED}
+    if len(set(sizes.values())) != 1 or max(sizes.values()) > MAX_CONFIGS:
+        raise ValueError(f"unequal or too large tuning budget: {sizes}")
+
+
+def run_settings(settings: dict, config: dict, split: str) -> dict:
+    """One run's settings: the shared ones, the configuration's, and the evaluation split."""
+    shared = {k: v for k, v in settings.items() if k not in EVIDENCE_ONLY}
+    return {**shared, **config, "eval_split": split, "eval_size": settings[f"{split}_size"], "record_problems": True}
+
+
+def run_path(results_dir: Path, part: str, family: str, regime: str, method: str, name: str) -> Path:
+    return results_dir / part / family / regime / method / f"{name}.json"
+
+
+def run_job(job) -> dict:
+    """Worker: one `methods.run_one` with the family resolved here (jobs hold names and settings only)."""
+    family, regime, row, seed, settings, path = job
+    done = methods.run_one(regime, TRAINER_METHOD.get(row, row), seed, settings, path, family=FAMILIES[family])
+    return {**done, "family": family, "method": row, "name": Path(path).stem}
+
+
+def report(done: dict, part: str) -> None:
+    error = f" ERROR {done['error']}" if done["error"] else ""
+    print(f"{part} {done['family']} {done['regime']:9s} {done['method']:10s} {done['name']}: accuracy "
+          f"{done['final_accuracy']:.3f} ({done['seconds']:.0f} s){error}", flush=True)
+
+
+def execute(jobs: list, n_jobs: int, part: str, results_dir: Path) -> None:
+    """Run `jobs` (`methods.main`'s way: in this process for `n_jobs` 0, else a spawn pool, one process per run)."""
+    seconds = sum(job[4]["steps"] * SECONDS_PER_STEP + (START_SECONDS if n_jobs else 0) for job in jobs)
+    print(f"{part}: {len(jobs)} runs to do ({results_dir / part}; ~{seconds / max(n_jobs, 1) / 60:.0f} min at "
+          f"--jobs {n_jobs})", flush=True)
+    if jobs and n_jobs == 0:  # one after the other, no process start-up: the quick mode
+        for job in jobs:
+            report(run_job(job), part)
+    elif jobs:
+        with multiprocessing.get_context("spawn").Pool(n_jobs, maxtasksperchild=1) as pool:
+            for done in pool.imap_unordered(run_job, jobs):
+                report(done, part)
+
+
+def tune_jobs(results_dir, families, regimes, settings, grid) -> list:
+    jobs = []
+    for family, regime, method in itertools.product(families, regimes, TUNED):
+        for config in configurations(grid[method]):
+            path = run_path(results_dir, "tune", family, regime, method, config_name(config))
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                run = run_settings(settings, config, "validation")
+                jobs.append((family, regime, method, settings["tune_seed"], run, str(path)))
+    return jobs
+
+
+def load_tuning(results_dir, families, regimes, grid) -> dict:
+    """{(family, regime, method): [(config, validation accuracy or None when not run yet)]}, in grid order."""
+    out = {}
+    for family, regime, method in itertools.product(families, regimes, TUNED):
+        entries = []
+        for config in configurations(grid[method]):
+            path = run_path(results_dir, "tune", family, regime, method, config_name(config))
+            entries.append((config, json.loads(path.read_text())["final_accuracy"] if path.exists() else None))
+        out[(family, regime, method)] = entries
+    return out
+
+
+def best_config(entries: list) -> dict | None:
+    """The configuration of the highest validation accuracy (the first on ties, a NaN lowest); None while the grid is
+    not done."""
+    if not entries or any(accuracy is None for _, accuracy in entries):
+        return None
+    return max(entries, key=lambda entry: -1.0 if math.isnan(entry[1]) else entry[1])[0]
+
+
+def final_configs(tuning: dict, family: str, regime: str) -> dict | None:
+    """{row: the settings it overrides} for the final runs; None while the tuning of this family x regime is open."""
+    best = {method: best_config(tuning[(family, regime, method)]) for method in TUNED}
+    if any(config is None for config in best.values()):
+        return None
+    return {**best, "tgpo_paper": {"learning_rate": best["tgpo"]["learning_rate"], **PAPER}}
+
+
+def final_jobs(results_dir, families, regimes, settings, tuning) -> list:
+    jobs = []
+    for family, regime in itertools.product(families, regimes):
+        rows = final_configs(tuning, family, regime)
+        if rows is None:
+            raise SystemExit(f"{family}/{regime}: the tuning is not complete; run --part tune first")
+        for seed, row in itertools.product(settings["seeds"], ROWS):  # seed-major: a partial run covers every row
+            path = run_path(results_dir, "final", family, regime, row, f"seed{seed}")
+            run = run_settings(settings, rows[row], "test")
+            if path.exists():
+                if json.loads(path.read_text())["settings"] != json.loads(json.dumps(run)):
+                    raise SystemExit(f"{path} was run with another configuration (did the tuning change?); delete it")
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            jobs.append((family, regime, row, seed, run, str(path)))
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------------- aggregation
+
+
+def load_final(results_dir, families, regimes, seeds) -> dict:
+    """{(family, regime, row, seed): record} of the final runs that exist."""
+    records = {}
+    for family, regime, row, seed in itertools.product(families, regimes, ROWS, seeds):
+        path = run_path(results_dir, "final", family, regime, row, f"seed{seed}")
+        if path.exists():
+            records[(family, regime, row, seed)] = json.loads(path.read_text())
+    return records
+
+
+def family_records(records: dict, family: str) -> dict:
+    """One family's records keyed as `benchmarks.methods` keys them, (regime, method, seed), for `methods._curve`."""
+    return {(regime, row, seed): r for (fam, regime, row, seed), r in records.items() if fam == family}
+
+
+def interval(records, family, regime, seeds, summary) -> tuple[dict, dict] | None:
+    """`tgpo` minus the best baseline: the `intervals` entry and its details; None without paired runs."""
+    means = {m: statistics.fmean(summary[m]) for m in BASELINES if summary.get(m)}
+    if not means or not summary.get("tgpo"):
+        return None
+    baseline = max(means, key=means.get)
+    paired = [s for s in seeds if all("final_problems" in records.get((family, regime, m, s), {})
+                                      for m in ("tgpo", baseline))]
+    if not paired:
+        return None
+    scores = {m: [records[(family, regime, m, s)]["final_problems"] for s in paired] for m in ("tgpo", baseline)}
+    difference, low, high = paired_bootstrap(scores["tgpo"], scores[baseline])
+    entry = {"method": "tgpo", "baseline": baseline, "low": low, "high": high}
+    detail = {"difference": difference, "verdict": "win" if low > 0 else "no claim", "paired_seeds": paired,
+              "problems": len(scores["tgpo"][0]), "resamples": RESAMPLES, "baseline_means": means}
+    return entry, detail
+
+
+SHAPE_KEYS = ("accuracy", "completions/mean_length", "gap/reverse_kl", "gap/mismatch_ratio")
+
+
+def failure_shape(records: dict, regime: str, row: str, seeds) -> dict:
+    """First, lowest, highest and last value (mean over seeds) of each plotted curve: where a method derails."""
+    out = {}
+    for key in SHAPE_KEYS:
+        _, values = methods._curve(records, regime, row, seeds, key)
+        if values:
+            out[key] = {"first": values[0], "min": min(values), "max": max(values), "last": values[-1]}
+    return out
+
+
+def plot(records: dict, family: str, regimes, seeds, out_dir: Path) -> list[str]:
+    """Per regime: held-out accuracy, completion length and the gap metrics over steps per method (the paper's
+    failure shape), in the methods benchmark's style."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("accuracy", "held-out (test) greedy accuracy", 1),
+              ("completions/mean_length", "completion length (tokens)", 10),
+              ("gap/reverse_kl", "gap/reverse_kl (log p_s - log p_T)", 10),
+              ("gap/mismatch_ratio", "gap/mismatch_ratio", 10)]
+    names = []
+    for regime in regimes:
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+        for ax, (key, label, window) in zip(axes, panels, strict=True):
+            for row in ROWS:
+                steps, values = methods._curve(records, regime, row, seeds, key)
+                if steps:
+                    ax.plot(steps, methods._smooth(values, window), label=row,
+                            marker="o" if key == "accuracy" else None, markersize=3)
+            ax.set_xlabel("optimizer step")
+            ax.set_title(label + ("" if window == 1 else f" ({window}-step mean)"), fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{family} / {regime}: best configuration per method, mean over seeds {list(seeds)}")
+        fig.tight_layout()
+        png = f"evidence_{family}_{regime}.png"
+        fig.savefig(out_dir / png, dpi=90)
+        plt.close(fig)
+        names.append(png)
+    return names
+
+
+def aggregate(results_dir, families, regimes, settings, grid, out_dir: Path, wall_seconds, jobs: int,
+              do_plot: bool = True) -> dict:
+    seeds = settings["seeds"]
+    records = load_final(results_dir, families, regimes, seeds)
+    tuning = load_tuning(results_dir, families, regimes, grid)
+    result = {"families": {}, "initial": {}, "intervals": {}, "tuning": {m: [] for m in TUNED}, "verdicts": {},
+              "best_configs": {}, "failure_shape": {}}
+    for family in families:
+        fam = family_records(records, family)
+        for key in ("families", "initial", "intervals", "verdicts", "best_configs", "failure_shape"):
+            result[key][family] = {}
+        for regime in regimes:
+            summary = {row: [fam[(regime, row, s)]["final_accuracy"] for s in seeds if (regime, row, s) in fam]
+                       for row in ROWS}
+            result["families"][family][regime] = summary
+            initial = [r["initial_accuracy"] for (reg, _, _), r in fam.items() if reg == regime]
+            result["initial"][family][regime] = statistics.fmean(initial) if initial else float("nan")
+            found = interval(records, family, regime, seeds, summary)
+            if found:
+                result["intervals"][family][regime], result["verdicts"][family][regime] = found
+            result["best_configs"][family][regime] = final_configs(tuning, family, regime)
+            result["failure_shape"][family][regime] = {row: failure_shape(fam, regime, row, seeds) for row in ROWS}
+            for method in TUNED:
+                result["tuning"][method] += [
+                    {"family": family, "regime": regime, "config": config, "validation_accuracy": accuracy}
+                    for config, accuracy in tuning[(family, regime, method)] if accuracy is not None]
+    run_seconds = [r["seconds"] for r in records.values()]
+    result["settings"] = settings
+    result["meta"] = {
+        "families": {f: FAMILIES[f].description for f in families},
+        "grid": grid,
+        "paper": PAPER,
+        "resamples": RESAMPLES,
+        "bootstrap_seed": BOOTSTRAP_SEED,
+        "threads_per_run": 1,
+        "parallel_runs": jobs,
+        "final_runs": len(records),
+        "tuning_runs": sum(len(v) for v in result["tuning"].values()),
+        "errors": {f"{k[0]}/{k[1]}/{k[2]}/seed{k[3]}": r["error"] for k, r in records.items() if r["error"]},
+        "final_run_seconds_total": round(sum(run_seconds), 1),
+        "wall_seconds": None if wall_seconds is None else round(wall_seconds, 1),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    common.write_json(out_dir / "evidence.json", result)
+    pngs = {f: plot(family_records(records, f), f, regimes, seeds, out_dir) if do_plot and records else []
+            for f in families}
+    md_path = out_dir / "evidence.md"
+    kept = md_path.read_text().partition(methods.INTERPRETATION_MARKER)[2] if md_path.exists() else ""
+    md_path.write_text(render_markdown(result, families, regimes, pngs) + kept.lstrip("\n"))
+    return result
+
+
+def _pct(x) -> str:
+    return methods._pct(float("nan") if x is None else x)
+
+
+def _config_text(config: dict | None) -> str:
+    return "—" if not config else ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in config.items())
+
+
+def render_markdown(result: dict, families, regimes, pngs: dict) -> str:
+    s, meta = result["settings"], result["meta"]
+    n_configs = len(configurations(meta["grid"]["tgpo"]))
+    grid = "; ".join(f"`{method}` " + " x ".join(f"{k} {list(v)}" for k, v in axes.items())
+                     for method, axes in meta["grid"].items())
+    lines = [
+        "# Evidence: TGPO against tuned baselines (issue 14)",
+        "",
+        ("Generated by `python benchmarks/evidence.py` (do not edit the generated sections by hand; the interpretation "
+         "is appended below them)."),
+        "",
+        ("**Not meaningful yet:** GRPO is not a healthy baseline on column_sum at this setup "
+         "([grpo_health.md](grpo_health.md)); revisit the shared settings before reading a win off these numbers."),
+        "",
+        "## Protocol",
+        "",
+        *[f"- Family `{f}`: {meta['families'][f]}; regimes {', '.join(f'`{r}`' for r in regimes)}." for f in families],
+        (f"- Splits: training problems never held out; held-out problems halved by a second hash into validation "
+         f"({s['validation_size']} problems, tuning) and test ({s['test_size']} problems, reported)."),
+        (f"- Tuning: {n_configs} configurations per method (equal budget), seed {s['tune_seed']}, final greedy "
+         f"validation accuracy; grid: {grid}."),
+        (f"- Final: the best configuration with seeds {s['seeds']}, test split; {s['steps']} steps, "
+         f"{s['prompts_per_step']} prompts x {s['num_generations']} rollouts, loss `{s['loss_type']}`, reward "
+         f"`{s['reward']}`, constant lr and guidance schedule."),
+        (f"- `tgpo_paper`: lambda_0 = {PAPER['guidance_coef']}, linear to 0 over the {s['steps']} steps, at `tgpo`'s "
+         "tuned learning rate (not tuned)."),
+        (f"- Interval: `tgpo` minus the best baseline (highest mean test accuracy among {', '.join(BASELINES)}), "
+         "paired by seed; percentile bootstrap 95% over seeds and, within each, test problems "
+         f"(B = {meta['resamples']}); a win only where low > 0."),
+        (f"- {meta['final_runs']} final and {meta['tuning_runs']} tuning runs, 1 torch thread each, "
+         f"{meta['parallel_runs']} in parallel; wall time {meta['wall_seconds']} s."),
+        "",
+    ]
+    for family in families:
+        for regime in regimes:
+            summary = result["families"][family][regime]
+            best = result["best_configs"][family][regime] or {}
+            lines += [f"## {family} / {regime}", "",
+                      f"Initial test accuracy (before RL): {_pct(result['initial'][family][regime])}%.", "",
+                      "| method | configuration | test accuracy mean ± std (%) | per seed (%) |", "|---|---|---|---|"]
+            for row in ROWS:
+                st = common.mean_std(summary[row])
+                lines.append(f"| {row} | {_config_text(best.get(row))} | {_pct(st['mean'])} ± {_pct(st['std'])} | "
+                             + ", ".join(_pct(v) for v in summary[row]) + " |")
+            found = result["intervals"][family].get(regime)
+            if found:
+                d = result["verdicts"][family][regime]
+                lines += ["", (f"Interval: tgpo − {found['baseline']} (best baseline) = {100 * d['difference']:+.1f} "
+                               f"points, 95% [{100 * found['low']:+.1f}, {100 * found['high']:+.1f}] over "
+                               f"{len(d['paired_seeds'])} seeds x {d['problems']} problems: **{d['verdict']}**")]
+            else:
+                lines += ["", "Interval: no paired tgpo and baseline runs yet: **no claim**"]
+            lines += ["", "Failure shape (mean over seeds; first → lowest / highest → last):", "",
+                      "| method | test accuracy (%) | completion length | gap/reverse_kl | gap/mismatch_ratio |",
+                      "|---|---|---|---|---|"]
+            for row in ROWS:
+                shape = result["failure_shape"][family][regime][row]
+                cells = []
+                for key in SHAPE_KEYS:
+                    v = shape.get(key)
+                    if v is None:
+                        cells.append("—")
+                    elif key == "accuracy":
+                        cells.append(f"{_pct(v['first'])} → min {_pct(v['min'])} → {_pct(v['last'])}")
+                    else:
+                        cells.append(f"{v['first']:.3g} → max {v['max']:.3g} → {v['last']:.3g}")
+                lines.append(f"| {row} | " + " | ".join(cells) + " |")
+            png = f"evidence_{family}_{regime}.png"
+            if png in pngs.get(family, []):
+                lines += ["", f"![{png}]({png})"]
+            lines.append("")
+    lines += [f"## Tuning (validation accuracy, seed {s['tune_seed']})", "",
+              "| family | regime | method | configuration | validation accuracy (%) | chosen |",
+              "|---|---|---|---|---|---|"]
+    for method in TUNED:
+        for e in result["tuning"][method]:
+            chosen = (result["best_configs"][e["family"]][e["regime"]] or {}).get(method) == e["config"]
+            lines.append(f"| {e['family']} | {e['regime']} | {method} | {_config_text(e['config'])} | "
+                         f"{_pct(e['validation_accuracy'])} | {'yes' if chosen else ''} |")
+    if meta["errors"]:
+        lines += ["", "Final runs that stopped with an error (their last evaluation counts):", ""]
+        lines += [f"- {k}: {v}" for k, v in meta["errors"].items()]
+    lines += ["", methods.INTERPRETATION_MARKER, ""]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = common.argument_parser(__doc__, argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="quick demo models, 2 steps, tiny splits, 2 seeds (tests)")
+    p.add_argument("--part", default="all", choices=["tune", "final", "aggregate", "all"],
+                   help="tune, final or aggregate only (default: all three in order)")
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    p.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="final seeds (default 0-4; --quick 0 1)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--jobs", type=int, default=None,
+                   help="training processes at once, 1 torch thread each (default 2; --quick: 0 = in this process)")
+    p.add_argument("--results-dir", default=None, help="per-run JSON (default outputs/evidence[-quick])")
+    p.add_argument("--out-dir", default=None, help="evidence.json, evidence.md, PNGs (default docs/benchmarks)")
+    p.add_argument("--no-plots", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    settings = dict(QUICK if a.quick else FULL)
+    grid = QUICK_GRID if a.quick else GRID
+    check_grid(grid)
+    if a.seeds is not None:
+        settings["seeds"] = a.seeds
+    if a.steps is not None:
+        settings["steps"] = a.steps
+    results_dir = Path(a.results_dir or common.REPO / ("outputs/evidence-quick" if a.quick else "outputs/evidence"))
+    out_dir = Path(a.out_dir or common.DOCS)
+
+    # Settings and grid are part of a run's identity: a results dir holding runs made with others is refused
+    results_dir.mkdir(parents=True, exist_ok=True)
+    identity = json.loads(json.dumps({"settings": {k: v for k, v in settings.items() if k != "seeds"}, "grid": grid,
+                                      "paper": PAPER}))
+    settings_file = results_dir / "settings.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != identity:
+        raise SystemExit(f"{results_dir} holds runs made with other settings ({settings_file}); choose another "
+                         "--results-dir or delete it.")
+    settings_file.write_text(json.dumps(identity, indent=2))
+
+    parts = ["tune", "final", "aggregate"] if a.part == "all" else [a.part]
+    n_jobs = a.jobs if a.jobs is not None else (0 if a.quick else 2)  # 0: in this process
+    started = time.perf_counter()
+    if parts != ["aggregate"]:
+        for family in a.families:
+            FAMILIES[family].models(settings["demo_size"])  # build once, before the workers
+    if "tune" in parts:
+        execute(tune_jobs(results_dir, a.families, a.regimes, settings, grid), n_jobs, "tune", results_dir)
+    if "final" in parts:
+        tuning = load_tuning(results_dir, a.families, a.regimes, grid)
+        execute(final_jobs(results_dir, a.families, a.regimes, settings, tuning), n_jobs, "final", results_dir)
+    timing_file = results_dir / "wall_seconds.json"
+    timings = json.loads(timing_file.read_text()) if timing_file.exists() else {"wall_seconds": 0.0}
+    if parts != ["aggregate"]:
+        timings["wall_seconds"] += time.perf_counter() - started
+        timing_file.write_text(json.dumps(timings))
+    if "aggregate" not in parts:
+        return {}
+    result = aggregate(results_dir, a.families, a.regimes, settings, grid, out_dir, timings["wall_seconds"],
+                       max(n_jobs, 1), do_plot=not a.no_plots)
+    for family in a.families:
+        for regime in a.regimes:
+            means = {row: round(statistics.fmean(v), 3) for row, v in result["families"][family][regime].items() if v}
+            found, detail = result["intervals"][family].get(regime), result["verdicts"][family].get(regime)
+            line = (f"tgpo - {found['baseline']}: {detail['difference']:+.3f} [{found['low']:+.3f}, "
+                    f"{found['high']:+.3f}] {detail['verdict']}" if found else "no interval")
+            print(f"{family} {regime}: {means}; {line}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
