@@ -383,38 +383,16 @@ def failure_shape(records: dict, regime: str, row: str, seeds) -> dict:
     return out
 
 
+# The methods benchmark's curves with the held-out split named (the gap/aligned_ratio panel is for cross-tokenizer
+# teachers, which no family has yet)
+PANELS = [("accuracy", "held-out (test) greedy accuracy", 1), *methods.PANELS[1:4]]
+
+
 def plot(records: dict, family: str, regimes, seeds, out_dir: Path) -> list[str]:
     """Per regime: held-out accuracy, completion length and the gap metrics over steps per method (the paper's
-    failure shape), in the methods benchmark's style."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("accuracy", "held-out (test) greedy accuracy", 1),
-              ("completions/mean_length", "completion length (tokens)", 10),
-              ("gap/reverse_kl", "gap/reverse_kl (log p_s - log p_T)", 10),
-              ("gap/mismatch_ratio", "gap/mismatch_ratio", 10)]
-    names = []
-    for regime in regimes:
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-        for ax, (key, label, window) in zip(axes, panels, strict=True):
-            for row in ROWS:
-                steps, values = methods._curve(records, regime, row, seeds, key)
-                if steps:
-                    ax.plot(steps, methods._smooth(values, window), label=row,
-                            marker="o" if key == "accuracy" else None, markersize=3)
-            ax.set_xlabel("optimizer step")
-            ax.set_title(label + ("" if window == 1 else f" ({window}-step mean)"), fontsize=9)
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{family} / {regime}: best configuration per method, mean over seeds {list(seeds)}")
-        fig.tight_layout()
-        png = f"evidence_{family}_{regime}.png"
-        fig.savefig(out_dir / png, dpi=90)
-        plt.close(fig)
-        names.append(png)
-    return names
+    failure shape), as the methods benchmark draws them."""
+    return methods.plot(records, regimes, ROWS, seeds, out_dir, name=f"evidence_{family}", panels=PANELS,
+                        title=f"{family} / {{regime}}: best configuration per method, mean over seeds {{seeds}}")
 
 
 def aggregate(results_dir, families, regimes, settings, grid, out_dir: Path, wall_seconds, jobs: int,

@@ -318,19 +318,24 @@ def _smooth(values, window):
     return out
 
 
-def plot(records, regimes, methods, seeds, out_dir: Path, name: str = "methods") -> list[str]:
+# The curves of a report: (logged key or "accuracy", title, smoothing window in steps)
+PANELS = [("accuracy", "held-out greedy accuracy", 1), ("completions/mean_length", "completion length (tokens)", 10),
+          ("gap/reverse_kl", "gap/reverse_kl (log p_s - log p_T)", 10),
+          ("gap/mismatch_ratio", "gap/mismatch_ratio", 10), ("gap/aligned_ratio", "gap/aligned_ratio", 10)]
+
+
+def plot(records, regimes, methods, seeds, out_dir: Path, name: str = "methods", panels=PANELS,
+         title: str = "{regime}: mean over seeds {seeds}") -> list[str]:
+    """One PNG per regime, `<name>_<regime>.png`: a panel per `panels` entry, a curve per method (mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("accuracy", "held-out greedy accuracy", 1), ("completions/mean_length", "completion length (tokens)", 10),
-              ("gap/reverse_kl", "gap/reverse_kl (log p_s - log p_T)", 10),
-              ("gap/mismatch_ratio", "gap/mismatch_ratio", 10), ("gap/aligned_ratio", "gap/aligned_ratio", 10)]
     names = []
     for regime in regimes:
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-        for ax, (key, label, window) in zip(axes, panels):
+        for ax, (key, label, window) in zip(axes, panels, strict=True):
             for method in methods:
                 steps, values = _curve(records, regime, method, seeds, key)
                 if steps:
@@ -340,7 +345,7 @@ def plot(records, regimes, methods, seeds, out_dir: Path, name: str = "methods")
             ax.set_title(label + ("" if window == 1 else f" ({window}-step mean)"), fontsize=9)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"{regime}: mean over seeds {list(seeds)}")
+        fig.suptitle(title.format(regime=regime, seeds=list(seeds)))
         fig.tight_layout()
         png = f"{name}_{regime}.png"
         fig.savefig(out_dir / png, dpi=90)

@@ -86,6 +86,9 @@ CONFIGS = {
                                                "steps": 300, "eval_every": 50, "seed": seed} for seed in (1, 2)},
     "batch32_lr1e-5_t0.3_300_large_gap": {"prompts_per_step": 32, "learning_rate": 1e-5, "temperature": 0.3,
                                           "steps": 300, "eval_every": 50, "regime": "large_gap"},
+    **{f"batch32_lr1e-5_t0.3_300_large_gap_seed{seed}": {
+        "prompts_per_step": 32, "learning_rate": 1e-5, "temperature": 0.3, "steps": 300, "eval_every": 50,
+        "regime": "large_gap", "seed": seed} for seed in (1, 2)},
     # TGPO (lambda = 1, constant, as the methods benchmark) in the same healthy-GRPO setup: does its lead survive?
     "tgpo_batch32_lr1e-5_t0.3_300": {"prompts_per_step": 32, "learning_rate": 1e-5, "temperature": 0.3,
                                      "steps": 300, "eval_every": 50, "method": "tgpo"},
