@@ -334,7 +334,7 @@ Before any RL (`--headroom`, {problems} held-out problems, groups of {group}):
 - **The setting where GRPO is healthy**: 4x the rollouts per step (32 prompts x 8), temperature 0.3, lr 1e-5, 300
   steps (`batch32_lr1e-5_t0.3_300*`). Small gap, 3 seeds: 18% -> 22.5 / 23.0 / 22.5% at step 300, every one of the 18
   evaluations after step 0 at 19.5% or more, the sampled reward 0.10 -> 0.11 and the groups without variance 53% ->
-  46-48%. Large gap, seed 0: 21.5% -> 27.5% (29.5% at step 200), its reward 0.17 -> 0.21. Neither the large batch
+  46-48%. Large gap, 3 seeds: 21.5% -> 27.5 / 28.5 / 31.0%, its reward 0.13-0.17 -> 0.18-0.21. Neither the large batch
   alone (temperature 0.5, or 100 steps) nor the low temperature alone (8 prompts per step) did it: averaging 4x more
   problems per step is what lets the transferable part of the gradient win over the problem-specific part.
 - **The other methods in that setup** (untuned: the same lr, batch and temperature, the methods benchmark's
@@ -346,7 +346,7 @@ Before any RL (`--headroom`, {problems} held-out problems, groups of {group}):
   the methods benchmark's rollouts per run (4x per step, 2x the steps): ~6 minutes a run at one thread, so the full
   protocol of parts 2-5 (`benchmarks/evidence.py`: ~100 runs per family) takes ~5 hours per family on 2 cores, not
   the issue's two hours for everything. What is left of issue 14: settle that budget (fewer steps, a smaller grid, or
-  more cores), confirm the large-gap gain on more seeds, pick the second family with GRPO's improvement as a
+  more cores), pick the second family with GRPO's improvement as a
   criterion, then run the protocol on that setup.
 """
 
