@@ -180,10 +180,6 @@ def column_sum_dataset(n: int, seed: int, split: str) -> Dataset:
                               "answer": list(problems.values())})
 
 
-def _column_sum_correct(texts: list, answers: list) -> list:
-    return exact_match_reward(texts, answer=answers)
-
-
 FAMILIES = {
     "column_sum": Family(
         name="column_sum",
@@ -191,7 +187,7 @@ FAMILIES = {
         models=_column_sum_models,
         tokenizer=_column_sum_tokenizer,
         dataset=column_sum_dataset,
-        correct=_column_sum_correct,
+        correct=exact_match_reward,  # 1.0 / 0.0 per (text, answer), the reward's own check
     ),
 }
 

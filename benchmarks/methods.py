@@ -141,19 +141,17 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str, fami
             teacher_path = build_cross_tokenizer_teacher(size=settings["demo_size"], progress=False)
         else:
             teacher_path = getattr(models, teacher_name)
-
-        def correct(texts, answers):
-            return exact_match_reward(texts, answer=answers)
+        dataset, reward_funcs, correct = build_dataset, get_reward_funcs, exact_match_reward
     else:
         tokenizer = AutoTokenizer.from_pretrained(family.tokenizer(settings["demo_size"]))
         student_path, teacher_path = family.models(settings["demo_size"])[regime]
-        build_dataset, get_reward_funcs, correct = family.dataset, family.reward_funcs, family.correct
+        dataset, reward_funcs, correct = family.dataset, family.reward_funcs, family.correct
     # pilots may train another student (`student_path`); the regime's teacher stays
     student = AutoModelForCausalLM.from_pretrained(settings.get("student_path") or student_path)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path)
-    test_set = build_dataset(settings["eval_size"], 0, settings.get("eval_split", "test"))
+    test_set = dataset(settings["eval_size"], 0, settings.get("eval_split", "test"))
     # Distinct training problems, a different stream per seed (the build pretrained on seed 0..2 streams of `train`)
-    train_set = build_dataset(settings["steps"] * settings["prompts_per_step"], 100 + seed, "train")
+    train_set = dataset(settings["steps"] * settings["prompts_per_step"], 100 + seed, "train")
     if settings.get("fixed_problems"):  # pilots: the same few problems every step (can RL fit them at all?)
         from datasets import concatenate_datasets
 
@@ -212,12 +210,12 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str, fami
 
         grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
         grpo_args = GRPOConfig(**{k: v for k, v in config.items() if k in grpo_fields})
-        trainer = GRPOTrainer(model=student, reward_funcs=get_reward_funcs(settings["reward"]), args=grpo_args,
+        trainer = GRPOTrainer(model=student, reward_funcs=reward_funcs(settings["reward"]), args=grpo_args,
                               train_dataset=train_set, processing_class=tokenizer, callbacks=[Recorder()])
     else:
         trainer = TGPOTrainer(
             model=student,
-            reward_funcs=get_reward_funcs(settings["reward"]),
+            reward_funcs=reward_funcs(settings["reward"]),
             args=args,
             train_dataset=train_set,
             processing_class=tokenizer,

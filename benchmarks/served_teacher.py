@@ -18,8 +18,10 @@ in-process teacher, `teacher forward` is its scoring forward over the same batch
     python benchmarks/served_teacher.py --quick    # a smoke run (the tests)
 """
 
+import json
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,7 +42,6 @@ from benchmarks.common import (  # noqa: E402  (sets the offline environment bef
     start_cpu_run,
     summary,
     time_teacher_forward,
-    write_json,
     write_report,
 )
 
@@ -206,17 +207,11 @@ def main():
     args = parser.parse_args()
     out_dir = Path(args.out_dir)
     if args.render:
-        import json
-
         result = json.loads(Path(args.render).read_text())
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / f"{NAME}.json", result)
-        (out_dir / f"{NAME}.md").write_text(markdown(result))
+        log(write_report(out_dir, NAME, result, markdown(result)))
         return
     settings = settings_from_args(parser, args, QUICK if args.quick else Settings())
     env = start_cpu_run(settings, cpu_environment)
-    import tempfile
-
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as work_dir:
         results = measure(settings, Path(work_dir))

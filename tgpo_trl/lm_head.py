@@ -258,7 +258,8 @@ class TeacherScores:
     `argmax`, `valid` (False where the teacher's output is not finite or `y_t` is outside the shared vocabulary),
     and per mode `sample` (a token drawn from `p_T`), `topk_ids` / `topk_logps` `(B, T, K)`. Once mapped to the
     student's positions (`tgpo_trl.alignment`): `aligned` (the position has a teacher target; `valid` then says that
-    `logps` is defined) and, across tokenizers, `topk_valid` `(B, T, K)` (the slot holds a student id).
+    `logps` is defined) and, across tokenizers or from a served teacher, `topk_valid` `(B, T, K)` (the slot holds a
+    student id).
     """
 
     logps: torch.Tensor

@@ -26,12 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import requests
 import torch
-from transformers.utils import logging
-
+from .alignment import NO_MASS
 from .lm_head import TeacherScores
 
-
-logger = logging.get_logger(__name__)
 
 # The first wait before retrying a failed request (connection error, timeout, 5xx), doubled per retry up to the cap
 RETRY_BACKOFF_S = 1.0
@@ -43,8 +40,6 @@ MAX_REQUEST_TOKENS = 16_384
 VLLM_NEG_INF = -9999.0
 # Ids read back from the server's `decoded_token`s at start-up, to check it tokenizes like the scoring tokenizer
 PROBE_IDS = 64
-# The finite stand-in for "no probability" in an empty top-k slot (as in `tgpo_trl.alignment`)
-NO_MASS = -1e4
 
 
 class TeacherServerError(RuntimeError):
@@ -178,9 +173,6 @@ class ServedTeacher:
             f"(`teacher_server_max_retries` = {self.max_retries}); last failure: {failures[-1]}. Check that "
             f"`vllm serve` is running at {', '.join(self.urls)}."
         )
-
-    def close(self):
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ start-up probe
 
