@@ -1,5 +1,5 @@
-"""Evidence for TGPO: tuned baselines, a validation split apart from the test split, seeds, and a bootstrap interval
-over seeds and problems (GitHub issue 14).
+"""Evidence for TGPO: tuned baselines, a validation split apart from the test split, seeds, two task families and a
+bootstrap interval over seeds and problems (GitHub issue 14).
 
     python benchmarks/evidence.py                   # tune, final, aggregate in order: docs/benchmarks/evidence.*
     python benchmarks/evidence.py --part tune       # only the tuning runs (validation split, one seed)
@@ -10,20 +10,22 @@ over seeds and problems (GitHub issue 14).
 
 Protocol:
 - Families (`FAMILIES`): a task with its own models, data and answer checker, in the regimes `large_gap` and
-  `small_gap`. `column_sum` is the demo task (`tgpo_trl.demo`): the sum of three two-digit numbers, the students
-  `student_large_gap` / `student_small_gap` and the demo `teacher`. A second family is one more `Family` entry.
-- Splits: training problems are task.py's `train` split; its held-out problems are divided by a second hash of the
+  `small_gap`. `column_sum` is the demo task (`tgpo_trl.demo.task`): the sum of three two-digit numbers.
+  `column_product` (`tgpo_trl.demo.product_task`): a three-digit number times a one-digit one, the times table digit
+  by digit with the carry. In both, the teacher writes the worked solution one way, the small-gap student writes it
+  the same way, and the large-gap student, of the same skill, writes the same steps in other separators: the gap is
+  made the same way in both families (`tgpo_trl.demo.build.TASKS`).
+- Splits: training problems are the task's `train` split; its held-out problems are divided by a second hash of the
   question into `validation` (tuning, 200 problems) and `test` (reported, 500), so the selection never sees what it
   is judged on.
 - Methods: `grpo`, `opd`, `kdrl`, `tgpo` (`benchmarks.methods.method_config`), and `tgpo_paper`: the paper's recipe,
   lambda_0 = 0.002 decayed linearly to 0 over the run, at `tgpo`'s tuned learning rate, not tuned itself.
-- Equal tuning budget: every tuned method gets the same number of configurations (`GRID`, at most 6) at one seed,
-  scored by the final greedy accuracy on the validation split: learning rate {1e-5, 3e-5, 1e-4} x coefficient
-  {0.1, 1.0} (`opd_coef` for opd, lambda_0 for kdrl and tgpo, constant schedule). GRPO has no coefficient; its second
-  axis is the rollout temperature {0.5, 0.7} (0.7: the shared setting; 0.5: the healthiest GRPO setting in
-  docs/benchmarks/grpo_health.md). The group size would also change the cost per step and the batch, which no other
-  method's axis does. The best configuration per family x regime x method (the first in grid order on ties) is then
-  trained with every seed (default 0-4) and evaluated on the test split, its per-problem correctness kept.
+- Equal tuning budget: every tuned method gets the same number of configurations (`GRID`, at most `MAX_CONFIGS`) at
+  one seed, scored by the final greedy accuracy on the validation split: the learning rate {1e-5, 3e-5} with each
+  method's coefficient at 1 (`opd_coef` for opd, lambda_0 for kdrl and tgpo, constant), and the coefficient 0.1 at
+  1e-5 (GRPO, which has none: the rollout temperature 0.5 at 1e-5). The best configuration per
+  family x regime x method (the first in grid order on ties) is then trained with every seed (default 0-4) and
+  evaluated on the test split, its per-problem correctness kept.
 - Interval: per family x regime, `tgpo` minus the best baseline (the one of grpo/opd/kdrl with the highest mean test
   accuracy), paired by seed; a percentile bootstrap 95% interval that resamples seeds and, within each resampled
   seed, test problems (the same problems for both methods), B = 2000, fixed RNG seed (`paired_bootstrap`). A win is
@@ -31,24 +33,26 @@ Protocol:
 
 Each run is `benchmarks.methods.run_one` (a fresh process at one torch thread, `--jobs` at once; `--quick`: in this
 process) and writes `<results-dir>/<part>/<family>/<regime>/<method>/<config-or-seed>.json`
-(`tune/column_sum/small_gap/tgpo/lr1e-05_coef0.1.json`, `final/column_sum/small_gap/tgpo/seed0.json`): its record,
-with `final_problems` (0/1 per problem of the split); a `tgpo_paper` record names the trainer method, `tgpo`. A run
-whose JSON exists is skipped, so an interrupted benchmark resumes. `evidence.json`, `evidence.md` and
+(`tune/column_sum/small_gap/tgpo/lr1e-05.json`, `final/column_sum/small_gap/tgpo/seed0.json`): its record, with
+`final_problems` (0/1 per problem of the split); a `tgpo_paper` record names the trainer method, `tgpo`. A run whose
+JSON exists is skipped, so an interrupted benchmark resumes. `evidence.json`, `evidence.md` and
 `evidence_<family>_<regime>.png` (held-out accuracy, completion length and the gap metrics over steps: where OPD and
 KDRL derail, if they do) go to `--out-dir`.
 
-Shared setup (`FULL`): the one where GRPO improves its initial students (docs/benchmarks/grpo_health.md): 32 prompts
-x 8 rollouts per step, rollouts at temperature 0.3, the `exact_match` reward, 300 steps; the grid sets the learning
-rate and coefficient (GRPO's second axis: temperature {0.3, 0.5}). At the methods benchmark's 8 prompts per step no
-GRPO setting improved the students, so a comparison there says little.
+Shared setup (`FULL`): the rollouts of the setting where GRPO improves its initial students
+(docs/benchmarks/grpo_health.md): 32 prompts x 8 rollouts per step at temperature 0.3, the `exact_match` reward. At
+the methods benchmark's 8 prompts per step no GRPO setting improved the students, so a comparison there says little.
 
-Cost: a step of 256 rollouts takes ~1.2 s at one thread on this machine (2 cores), so a 300-step run ~6 min. Per
-family, 2 regimes x (4 tuned methods x 6 configurations + 5 methods x 5 seeds) = 98 runs: ~10 h of run time, ~5 h of
-wall time at `--jobs 2`. That is above the issue's two hours: run the parts on more cores, or trim the grid or the
-steps (and say so). The script prints its estimate before each part.
+Cost, and the budget it sets: a step of 256 rollouts takes ~1.3 s at one thread on this machine with a teacher
+forward (~0.7 s without: GRPO), so the grpo_health setting's 300 steps are ~6.5 min a run, and 98 runs per family
+(2 regimes x (4 tuned methods x 6 configurations + 5 methods x 5 seeds)) ~5 h of wall time per family at `--jobs 2`.
+To fit the issue's two hours for both families on 2 cores, a run is 60 steps and the grid 3 configurations per
+method: 74 runs per family, ~55 min of wall time per family at `--jobs 2`. The script prints its estimate before
+each part.
 """
 
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -70,7 +74,7 @@ from benchmarks import common, methods  # noqa: I001  (before the imports below:
 import numpy as np
 from datasets import Dataset
 
-from tgpo_trl.demo import task
+from tgpo_trl.demo import product_task, task
 from tgpo_trl.rewards import exact_match_reward, get_reward_funcs
 
 REGIMES = ("large_gap", "small_gap")
@@ -81,22 +85,26 @@ TRAINER_METHOD = {"tgpo_paper": "tgpo"}  # the `methods.method_config` method of
 # The paper's recipe: lambda_0 = 0.002, linear to 0 at the last step (D = steps)
 PAPER = {"guidance_coef": 0.002, "guidance_schedule": "linear", "decay_fraction": 1.0}
 MAX_CONFIGS = 6
-LEARNING_RATES = (1e-5, 3e-5, 1e-4)
-COEFFICIENTS = (0.1, 1.0)
-# Settings each tuned method's configurations override (the product of the axes); see the docstring for GRPO's axis
-GRID = {
-    "grpo": {"learning_rate": LEARNING_RATES, "temperature": (0.3, 0.5)},
-    "opd": {"learning_rate": LEARNING_RATES, "opd_coef": COEFFICIENTS},
-    "kdrl": {"learning_rate": LEARNING_RATES, "guidance_coef": COEFFICIENTS},
-    "tgpo": {"learning_rate": LEARNING_RATES, "guidance_coef": COEFFICIENTS},
-}
-QUICK_GRID = {method: {**axes, "learning_rate": (1e-4,)} for method, axes in GRID.items()}  # 2 configurations each
+# The budget that fits the issue's two hours on 2 cores (see Cost): three configurations per method, the learning
+# rate {1e-5, 3e-5} at a coefficient of 1 (`opd_coef`, lambda_0; constant), and the coefficient 0.1 at 1e-5. GRPO has
+# no coefficient: its third is the rollout temperature 0.5 (grpo_health.md's other healthy-looking setting). A list of
+# configurations, or {setting: values} for their product. The paper's small, decaying lambda_0 is the `tgpo_paper` row.
+LEARNING_RATES = (1e-5, 3e-5)
+
+
+def _grid(coefficient: str, third_value: float = 0.1) -> list[dict]:
+    return [{"learning_rate": lr} for lr in LEARNING_RATES] + [{"learning_rate": 1e-5, coefficient: third_value}]
+
+
+GRID = {"grpo": _grid("temperature", 0.5), "opd": _grid("opd_coef"), "kdrl": _grid("guidance_coef"),
+        "tgpo": _grid("guidance_coef")}
+QUICK_GRID = {method: {"learning_rate": (1e-4, 3e-4)} for method in GRID}  # 2 configurations each
 SHORT = {"learning_rate": "lr", "temperature": "t", "opd_coef": "coef", "guidance_coef": "coef"}
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
-# For the printed estimate only: a step of 64 column_sum rollouts at one thread takes ~0.35 s (256: ~1.2 s), a fresh
-# process ~10 s to start
-SECONDS_PER_ROLLOUT_STEP, START_SECONDS = 0.35 / 64, 10
+# For the printed estimate only: a step of 256 rollouts with a teacher forward takes ~1.3 s at one thread (GRPO's
+# ~0.7 s), a fresh process ~10 s to start and the evaluations ~15 s
+SECONDS_PER_ROLLOUT_STEP, START_SECONDS = 1.3 / 256, 25
 
 # The shared settings (lr, and a method's coefficient or GRPO's temperature, are set by the grid), with the evaluation
 # split into validation and test: the methods benchmark's, with the rollouts per step, temperature, reward and steps
@@ -106,8 +114,8 @@ FULL = {
     "prompts_per_step": 32,
     "temperature": 0.3,
     "reward": "exact_match",
-    "steps": 300,
-    "eval_every": 50,
+    "steps": 60,
+    "eval_every": 15,
     "seeds": [0, 1, 2, 3, 4],
     "tune_seed": 0,
     "validation_size": 200,
@@ -139,56 +147,62 @@ class Family:
     reward_funcs: Callable[[str], list] = get_reward_funcs
 
 
-def _column_sum_models(size: str) -> dict:
+def demo_models(task_name: str, size: str) -> dict:
+    """{regime: (student, teacher)} of one demo task (`tgpo_trl.demo.build.TASKS`), built if needed."""
     from tgpo_trl.demo.build import build_demo_models
 
-    models = build_demo_models(size=size, progress=False)
+    models = build_demo_models(size=size, progress=False, task=task_name)
     return {"large_gap": (str(models.student_large_gap), str(models.teacher)),
             "small_gap": (str(models.student_small_gap), str(models.teacher))}
 
 
-def _column_sum_tokenizer(size: str) -> str:
+def demo_tokenizer(task_name: str, size: str) -> str:
     from tgpo_trl.demo.build import build_demo_models
 
-    return str(build_demo_models(size=size, progress=False).tokenizer)
+    return str(build_demo_models(size=size, progress=False, task=task_name).tokenizer)
 
 
-def column_sum_split(question: str) -> str:
-    """"train", "validation" or "test": task.py's split, then its held-out problems halved by a second hash.
+def held_out_split(task_module, question: str) -> str:
+    """"train", "validation" or "test": the task's own split, then its held-out problems halved by a second hash.
 
     SHA-256, not CRC-32: CRC is affine over GF(2), so `crc32("validation:" + q) % 2` is fixed by `crc32(q) % 2` for
     questions of one length, and every held-out question (crc32 % 10 == 0, hence even) would fall on one side.
     """
-    if task.problem_split(question) == "train":
+    if task_module.problem_split(question) == "train":
         return "train"
     return "validation" if hashlib.sha256(("validation:" + question).encode()).digest()[0] % 2 == 0 else "test"
 
 
-def column_sum_dataset(n: int, seed: int, split: str) -> Dataset:
-    """`n` distinct problems of `split`, as `task.build_dataset` (whose `train` split it is)."""
+def split_dataset(task_module, n: int, seed: int, split: str) -> Dataset:
+    """`n` distinct problems of `split`, as the task's `build_dataset` (whose `train` split it is)."""
     if split == "train":
-        return task.build_dataset(n, seed, "train")
+        return task_module.build_dataset(n, seed, "train")
     if split not in ("validation", "test"):
         raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
-    problems = {}
-    for problem in task.iter_problems(seed, "test"):
-        if column_sum_split(problem["question"]) == split:
-            problems.setdefault(problem["question"], problem["answer"])
-            if len(problems) == n:
-                break
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": q}] for q in problems],
-                              "answer": list(problems.values())})
+    held_out = task_module.iter_problems(seed, "test")
+    return task.problems_dataset(n, (p for p in held_out if held_out_split(task_module, p["question"]) == split), split)
+
+
+column_sum_split = functools.partial(held_out_split, task)
+column_sum_dataset = functools.partial(split_dataset, task)
+
+
+def demo_family(task_name: str, task_module, description: str) -> Family:
+    return Family(
+        name=task_name,
+        description=description,
+        models=functools.partial(demo_models, task_name),
+        tokenizer=functools.partial(demo_tokenizer, task_name),
+        dataset=functools.partial(split_dataset, task_module),
+        correct=exact_match_reward,  # 1.0 / 0.0 per (text, answer), the reward's own check (both use `####`)
+    )
 
 
 FAMILIES = {
-    "column_sum": Family(
-        name="column_sum",
-        description="sum of three two-digit numbers (tgpo_trl.demo.task), the demo's students and teacher",
-        models=_column_sum_models,
-        tokenizer=_column_sum_tokenizer,
-        dataset=column_sum_dataset,
-        correct=exact_match_reward,  # 1.0 / 0.0 per (text, answer), the reward's own check
-    ),
+    "column_sum": demo_family("column_sum", task, "sum of three two-digit numbers (tgpo_trl.demo.task), the demo's "
+                              "students and teacher"),
+    product_task.NAME: demo_family(product_task.NAME, product_task, "a three-digit number times a one-digit number "
+                                   "(tgpo_trl.demo.product_task), students and teacher built the demo's way"),
 }
 
 
@@ -218,9 +232,12 @@ def paired_bootstrap(method, baseline, resamples: int = RESAMPLES, seed: int = B
 # ---------------------------------------------------------------------------------------------------- runs
 
 
-def configurations(axes: dict) -> list[dict]:
-    """The grid's configurations of one method, in grid order (the order that breaks ties)."""
-    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+def configurations(entry: dict | list) -> list[dict]:
+    """The grid's configurations of one method, in grid order (the order that breaks ties): `entry` itself when it is
+    a list of them, else the product of its {setting: values}."""
+    if isinstance(entry, list):
+        return [dict(config) for config in entry]
+    return [dict(zip(entry, values, strict=True)) for values in itertools.product(*entry.values())]
 
 
 def config_name(config: dict) -> str:
@@ -455,8 +472,8 @@ def _config_text(config: dict | None) -> str:
 def render_markdown(result: dict, families, regimes, pngs: dict) -> str:
     s, meta = result["settings"], result["meta"]
     n_configs = len(configurations(meta["grid"]["tgpo"]))
-    grid = "; ".join(f"`{method}` " + " x ".join(f"{k} {list(v)}" for k, v in axes.items())
-                     for method, axes in meta["grid"].items())
+    grid = "; ".join(f"`{method}` " + " / ".join(f"({_config_text(c)})" for c in configurations(entry))
+                     for method, entry in meta["grid"].items())
     lines = [
         "# Evidence: TGPO against tuned baselines (issue 14)",
         "",

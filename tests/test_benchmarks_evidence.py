@@ -2,6 +2,7 @@
 test or training problems, and the quick pipeline end to end (outputs of the required shape, resumable). The numbers
 of the quick run mean nothing."""
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -10,11 +11,12 @@ import conftest
 import numpy as np
 import pytest
 
-from tgpo_trl.demo import task
+from tgpo_trl.demo import product_task, task
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "evidence.py"
 REGIMES = {"large_gap", "small_gap"}
 TUNED = {"grpo", "opd", "kdrl", "tgpo"}
+FAMILIES = {"column_sum", "column_product"}
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +74,21 @@ def test_validation_and_test_are_disjoint_and_held_out_from_training(evidence):
         evidence.column_sum_dataset(3, 0, "dev")
 
 
+def test_the_product_family_s_splits_are_disjoint_too(evidence):
+    dataset = evidence.FAMILIES["column_product"].dataset
+    validation, test = questions(dataset(200, 0, "validation")), questions(dataset(500, 0, "test"))
+    train = questions(dataset(3000, 100, "train"))
+    assert len(validation) == 200 and len(test) == 500
+    assert not validation & test and not (validation | test) & train
+    assert all(product_task.problem_split(q) == "test" for q in validation | test)
+    assert all(evidence.held_out_split(product_task, q) == "test" for q in test)
+
+
 def test_the_tuning_budget_is_equal_and_at_most_six(evidence):
     evidence.check_grid(evidence.GRID)
-    assert {len(evidence.configurations(evidence.GRID[m])) for m in TUNED} == {6}
+    assert {len(evidence.configurations(evidence.GRID[m])) for m in TUNED} == {3}
+    assert evidence.configurations({"learning_rate": (1, 2), "guidance_coef": (3,)}) == [
+        {"learning_rate": 1, "guidance_coef": 3}, {"learning_rate": 2, "guidance_coef": 3}]
     with pytest.raises(ValueError, match="budget"):
         evidence.check_grid({**evidence.GRID, "grpo": {"learning_rate": (1e-5,)}})
 
@@ -94,7 +108,7 @@ def test_evidence_json_has_the_required_shape(quick_run, evidence):
     result = json.loads((out_dir / "evidence.json").read_text())
     assert {"families", "initial", "intervals", "tuning"} <= set(result)
     n_seeds = len(evidence.QUICK["seeds"])
-    assert set(result["families"]) == set(result["initial"]) == set(result["intervals"]) == {"column_sum"}
+    assert set(result["families"]) == set(result["initial"]) == set(result["intervals"]) == FAMILIES
     for family, regimes in result["families"].items():
         assert set(regimes) == REGIMES
         for regime, rows in regimes.items():
@@ -112,7 +126,7 @@ def test_evidence_json_has_the_required_shape(quick_run, evidence):
         for entry in entries:
             assert set(entry) == {"family", "regime", "config", "validation_accuracy"}
             per_cell.setdefault((method, entry["family"], entry["regime"]), []).append(entry["config"])
-    assert len(per_cell) == len(TUNED) * len(REGIMES)
+    assert len(per_cell) == len(TUNED) * len(REGIMES) * len(FAMILIES)
     assert len({len(configs) for configs in per_cell.values()}) == 1  # an equal budget
     assert all(1 < len(configs) <= 6 for configs in per_cell.values())
 
@@ -121,20 +135,20 @@ def test_markdown_has_the_interval_lines_and_the_plots(quick_run):
     _, out_dir, _ = quick_run
     text = (out_dir / "evidence.md").read_text()
     lines = [line for line in text.splitlines() if line.startswith("Interval: tgpo − ")]
-    assert len(lines) == len(REGIMES) and all(line.endswith(("**win**", "**no claim**")) for line in lines)
+    assert len(lines) == len(REGIMES) * len(FAMILIES) and all(line.endswith(("**win**", "**no claim**")) for line in lines)
     assert "## Tuning" in text and "grpo_health.md" in text
-    for regime in REGIMES:
-        png = out_dir / f"evidence_column_sum_{regime}.png"
+    for family, regime in itertools.product(FAMILIES, REGIMES):
+        png = out_dir / f"evidence_{family}_{regime}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png.name})" in text
 
 
 def test_per_run_records_use_their_split_and_keep_problems(quick_run, evidence):
     results_dir, _, _ = quick_run
     s = evidence.QUICK
-    for name in ("lr0.0001_coef0.1", "lr0.0001_coef1"):
-        record = json.loads((results_dir / "tune" / "column_sum" / "small_gap" / "tgpo" / f"{name}.json").read_text())
+    for family, name in itertools.product(FAMILIES, ("lr0.0001", "lr0.0003")):
+        record = json.loads((results_dir / "tune" / family / "small_gap" / "tgpo" / f"{name}.json").read_text())
         assert record["settings"]["eval_split"] == "validation" and record["seed"] == s["tune_seed"]
-        assert len(record["final_problems"]) == s["validation_size"] and record["family"] == "column_sum"
+        assert len(record["final_problems"]) == s["validation_size"] and record["family"] == family
     best = json.loads((results_dir / "final" / "column_sum" / "small_gap" / "tgpo" / "seed0.json").read_text())
     paper = json.loads((results_dir / "final" / "column_sum" / "small_gap" / "tgpo_paper" / "seed1.json").read_text())
     for record in (best, paper):
@@ -147,8 +161,8 @@ def test_per_run_records_use_their_split_and_keep_problems(quick_run, evidence):
 
 def test_a_second_run_resumes_without_training(quick_run, evidence):
     results_dir, out_dir, stdout = quick_run
-    n_tune = len(TUNED) * len(REGIMES) * len(evidence.configurations(evidence.QUICK_GRID["tgpo"]))
-    n_final = len(evidence.ROWS) * len(REGIMES) * len(evidence.QUICK["seeds"])
+    n_tune = len(TUNED) * len(REGIMES) * len(FAMILIES) * len(evidence.configurations(evidence.QUICK_GRID["tgpo"]))
+    n_final = len(evidence.ROWS) * len(REGIMES) * len(FAMILIES) * len(evidence.QUICK["seeds"])
     assert f"tune: {n_tune} runs to do" in stdout and f"final: {n_final} runs to do" in stdout
     md = out_dir / "evidence.md"
     md.write_text(md.read_text() + "Hand-written interpretation.\n")

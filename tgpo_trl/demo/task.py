@@ -42,14 +42,15 @@ def problem_split(question: str) -> str:
     return "test" if zlib.crc32(question.encode()) % TEST_BUCKETS == 0 else "train"
 
 
-def iter_problems(seed: int, split: str) -> Iterator[dict]:
-    """An endless, seeded stream of problems of one split (repeats possible), for supervised training."""
+def iter_problems(seed: int, split: str, make=make_problem, split_of=problem_split) -> Iterator[dict]:
+    """An endless, seeded stream of problems of one split (repeats possible), for supervised training. `make` and
+    `split_of` are another task's problem maker and split (`product_task.py`)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     rng = random.Random(f"{split}-{seed}")
     while True:
-        problem = make_problem(rng)
-        if problem_split(problem["question"]) == split:
+        problem = make(rng)
+        if split_of(problem["question"]) == split:
             yield problem
 
 
@@ -99,13 +100,22 @@ def extract_answer(text: str) -> str | None:
     return str(int(match.group(1))) if match else None
 
 
-def build_dataset(n: int, seed: int, split: str) -> Dataset:
-    """`n` distinct problems of `split` as a conversational dataset with `prompt` and `answer` columns."""
+def build_dataset(n: int, seed: int, split: str, problems_of=iter_problems) -> Dataset:
+    """`n` distinct problems of `split` as a conversational dataset with `prompt` and `answer` columns (drawn from
+    `problems_of(seed, split)`: another task's `iter_problems`)."""
+    return problems_dataset(n, problems_of(seed, split), split)
+
+
+def problems_dataset(n: int, stream: Iterator[dict], split: str) -> Dataset:
+    """The first `n` distinct problems of `stream`; a `ValueError` when the split has fewer (a small problem space,
+    as `product_task.py`'s, would otherwise be searched forever)."""
     problems = {}
-    for problem in iter_problems(seed, split):
+    for draws, problem in enumerate(stream, 1):
         problems.setdefault(problem["question"], problem["answer"])
         if len(problems) == n:
             break
+        if draws > 100 * n + 100_000:
+            raise ValueError(f"asked for {n} distinct {split!r} problems, found only {len(problems)} in {draws} draws")
     return Dataset.from_dict(
         {
             "prompt": [[{"role": "user", "content": question}] for question in problems],
