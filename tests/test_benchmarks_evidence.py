@@ -48,6 +48,16 @@ def test_mixed_case_mean_is_the_paired_mean_difference(evidence):
         evidence.paired_bootstrap([[1, 0]], [[1, 0, 1]])
 
 
+def test_wall_time_counts_overlapping_processes_once(evidence):
+    assert evidence.union_seconds([[0, 10], [5, 20], [30, 40]]) == 25
+    assert evidence.union_seconds([[0, 10], [2, 3]]) == 10 and evidence.union_seconds([]) == 0
+
+
+def test_a_claim_needs_the_whole_interval_on_one_side(evidence):
+    assert evidence.verdict(0.01, 0.2) == "win" and evidence.verdict(-0.2, -0.01) == "loss"
+    assert evidence.verdict(-0.01, 0.2) == evidence.verdict(-0.2, 0.0) == "no claim"
+
+
 # ---------------------------------------------------------------------------------------------------- the splits
 
 
@@ -135,7 +145,7 @@ def test_markdown_has_the_interval_lines_and_the_plots(quick_run):
     _, out_dir, _ = quick_run
     text = (out_dir / "evidence.md").read_text()
     lines = [line for line in text.splitlines() if line.startswith("Interval: tgpo − ")]
-    assert len(lines) == len(REGIMES) * len(FAMILIES) and all(line.endswith(("**win**", "**no claim**")) for line in lines)
+    assert len(lines) == len(REGIMES) * len(FAMILIES) and all(line.endswith(("**win**", "**loss**", "**no claim**")) for line in lines)
     assert "## Tuning" in text and "grpo_health.md" in text
     for family, regime in itertools.product(FAMILIES, REGIMES):
         png = out_dir / f"evidence_{family}_{regime}.png"
