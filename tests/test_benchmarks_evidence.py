@@ -49,7 +49,7 @@ def test_mixed_case_mean_is_the_paired_mean_difference(evidence):
 
 
 def test_wall_time_counts_overlapping_processes_once(evidence):
-    assert evidence.union_seconds([[0, 10], [5, 20], [30, 40]]) == 25
+    assert evidence.union_seconds([[0, 10], [5, 20], [30, 40]]) == 30  # [0, 20] and [30, 40]
     assert evidence.union_seconds([[0, 10], [2, 3]]) == 10 and evidence.union_seconds([]) == 0
 
 
