@@ -166,7 +166,7 @@ def held_out_split(task_module, question: str) -> str:
     """"train", "validation" or "test": the task's own split, then its held-out problems halved by a second hash.
 
     SHA-256, not CRC-32: CRC is affine over GF(2), so `crc32("validation:" + q) % 2` is fixed by `crc32(q) % 2` for
-    questions of one length, and every held-out question (crc32 % 10 == 0, hence even) would fall on one side.
+    questions of one length, and every held-out column sum (crc32 % 10 == 0, hence even) would fall on one side.
     """
     if task_module.problem_split(question) == "train":
         return "train"

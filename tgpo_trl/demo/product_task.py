@@ -64,7 +64,7 @@ def solution_text(problem: dict, style: str) -> str:
     if style == "teacher":
         return "\n".join([*_digit_lines(number, digit), final])
     if style == "commas":
-        return ";".join(_digit_lines(number, digit)).replace("+", ",").replace("=", ":") + f";{final}"
+        return task.in_commas("\n".join(_digit_lines(number, digit))) + f";{final}"
     if style == "bare":
         return final
     raise ValueError(f"Unknown style {style!r}; valid styles: {', '.join(STYLES)}")

@@ -63,9 +63,14 @@ def _column_solution(numbers: list[int]) -> str:
     return f"{units_line}\n{tens_line}"
 
 
+def in_commas(text: str) -> str:
+    """Worked lines in the large-gap students' separators: `,` for `+`, `:` for `=`, `;` between lines."""
+    return text.replace("+", ",").replace("=", ":").replace("\n", ";")
+
+
 def _comma_column_solution(numbers: list[int]) -> str:
     """The column method in other separators: `7,3,5:15;6,2,4,1:13`, as long as the teacher's solution."""
-    return _column_solution(numbers).replace("+", ",").replace("=", ":").replace("\n", ";")
+    return in_commas(_column_solution(numbers))
 
 
 def _running_sum_solution(numbers: list[int]) -> str:
