@@ -180,3 +180,26 @@ def test_a_second_run_resumes_without_training(quick_run, evidence):
     assert "tune: 0 runs to do" in again and "final: 0 runs to do" in again
     assert md.read_text().endswith("Hand-written interpretation.\n")
     assert len(list((results_dir / "final").rglob("*.json"))) == n_final
+
+
+# ---------------------------------------------------------------------------------------------------- the horizon pilot
+
+
+def test_the_horizon_pilot_changes_only_the_steps_of_an_evidence_run(evidence):
+    pilot = conftest.load_script(SCRIPT.parent / "pilots" / "evidence_horizon.py")
+    tuned = json.loads((SCRIPT.parent.parent / "docs" / "benchmarks" / "evidence.json").read_text())["best_configs"]
+    # The replica is the evidence's own final run of that cell, setting for setting (so it must give its accuracy)
+    family, regime, row, _, _ = pilot.RUNS["replica_column_sum_large_gap_tgpo_seed0"]
+    assert pilot.settings_of("replica_column_sum_large_gap_tgpo_seed0", tuned) == evidence.run_settings(
+        evidence.FULL, tuned[family][regime][row], "test")
+    for name, (family, regime, row, _, steps) in pilot.RUNS.items():
+        settings = pilot.settings_of(name, tuned)
+        expected = evidence.run_settings(evidence.FULL, tuned[family][regime][row], "test")
+        assert {k for k in settings if settings[k] != expected[k]} <= {"steps", "eval_every"}, name
+        assert settings["steps"] == (steps or pilot.HORIZON[family])
+    # The longest horizon of each family fits its training split (a run draws steps x prompts distinct problems)
+    for family, steps in pilot.HORIZON.items():
+        n = steps * evidence.FULL["prompts_per_step"]
+        assert len(evidence.FAMILIES[family].dataset(n, 100, "train")) == n
+    with pytest.raises(ValueError, match="distinct"):  # and one step more of the product would not
+        evidence.FAMILIES["column_product"].dataset((pilot.HORIZON["column_product"] + 10) * 32, 100, "train")
