@@ -350,10 +350,10 @@ Before any RL (`--headroom`, {problems} held-out problems, groups of {group}):
   no claim: it is what the tuned, seeded protocol has to settle.
 - **So the shared setup has to change**, and this is the change: GRPO improves there, in both regimes. It costs 8x
   the methods benchmark's rollouts per run (4x per step, 2x the steps): ~6 minutes a run at one thread, so the full
-  protocol of parts 2-5 (`benchmarks/evidence.py`: ~100 runs per family) takes ~5 hours per family on 2 cores, not
-  the issue's two hours for everything. What is left of issue 14: settle that budget (fewer steps, a smaller grid, or
-  more cores), pick the second family with GRPO's improvement as a
-  criterion, then run the protocol on that setup.
+  protocol of parts 2-5 (`benchmarks/evidence.py`: ~100 runs per family) would take ~5 hours per family on 2 cores,
+  not the issue's two hours for everything. The evidence benchmark therefore runs this setup for 60 steps with 3
+  configurations per method ([evidence.md](evidence.md)), and a pilot runs its tuned configurations for longer
+  ([evidence_horizon.md](evidence_horizon.md)).
 """
 
 
