@@ -118,6 +118,29 @@ def test_guidance_gradient_is_lambda_times_the_guidance_gradient(tmp_path, stude
         assert torch.allclose(diff, ref_grad, atol=1e-5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("mode", ["tgpo", "tgpo_sample", "tgpo_topk", "rkl_topk", "rkl_k3", "kdrl"])
+def test_vllm_importance_sampling_ratio_weights_the_sampled_token_terms_only(tmp_path, student, teacher, tokenizer,
+                                                                             dataset, mode):
+    """With vLLM's rollouts TRL adds a per-token `importance_sampling_ratio` to the batch. The terms of the sampled
+    token (`rkl_k3`, `kdrl`) are weighted by it; the target modes' terms depend on the prefix alone and are not.
+    Without a task reward the policy term is zero, so the loss is the guidance term alone."""
+    trainer = make_trainer(tmp_path, student, teacher, tokenizer, dataset, guidance=mode, use_task_reward=False,
+                           loss_type="bnpo", guidance_top_k=4)
+    inputs = fixed_inputs(trainer, dataset)
+    torch.manual_seed(1)
+    ratio = 0.25 + 1.5 * torch.rand(inputs["completion_ids"].shape)
+    loss, _ = loss_and_grads(trainer, {**inputs, "importance_sampling_ratio": ratio}, trainer.compute_loss)
+    logged = trainer._metrics["train"]["guidance/loss"][-1]
+    terms = reference_terms(trainer, inputs)
+    weight = ratio if mode in ("rkl_k3", "kdrl") else torch.ones_like(ratio)
+    expected = 0.5 * G.aggregate(terms["per_token"] * weight, terms["mask"], "bnpo", 8, 1.0)
+    unweighted = 0.5 * G.aggregate(terms["per_token"], terms["mask"], "bnpo", 8, 1.0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
+    if mode in ("rkl_k3", "kdrl"):
+        assert abs(expected.item() - unweighted.item()) > 1e-3 * abs(unweighted.item())  # the weights matter here
+    assert logged == pytest.approx(terms["guidance/loss"], rel=1e-4, abs=1e-6)  # the metric stays unweighted
+
+
 def test_guidance_none_is_exactly_grpo(tmp_path, student, teacher, tokenizer, dataset):
     trainer = make_trainer(tmp_path, student, teacher, tokenizer, dataset, guidance="none")
     inputs = fixed_inputs(trainer, dataset)
@@ -161,6 +184,35 @@ def test_padded_teacher_vocabulary_never_targets_padding_rows(tmp_path, student,
     assert inputs["teacher_argmax"].max() < len(tokenizer)
     assert inputs["teacher_topk_ids"].max() < len(tokenizer)
     assert inputs["teacher_topk_ids"].shape[-1] == 5
+
+
+@pytest.mark.parametrize("mode", ["tgpo", "kdrl", "rkl_k3"])
+def test_a_sampled_token_of_probability_zero_keeps_its_target_and_the_gradient_finite(tmp_path, student, teacher,
+                                                                                       tokenizer, dataset, mode):
+    """The teacher's target at a prefix does not depend on the token the student sampled there: where the teacher gives
+    that token probability 0, `log p_T(y_t)` is undefined (left out of the modes that read it, with no NaN sent back
+    through them) but the target stays."""
+    from real_vllm import minus_inf_row
+
+    trainer = make_trainer(tmp_path, student, teacher, tokenizer, dataset, guidance=mode, loss_type="bnpo")
+    torch.manual_seed(0)
+    inputs = fixed_inputs(trainer, dataset)
+    mask = inputs["completion_mask"].bool()
+    zero = inputs["completion_ids"][mask][0].item()
+    minus_inf_row(teacher, zero)
+    scores = trainer.score_with_teacher(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"],
+                                        inputs["completion_mask"])
+    at_zero = mask & (inputs["completion_ids"] == zero)
+    assert at_zero.any() and (mask & ~at_zero).any()
+    assert not scores.valid[at_zero].any() and scores.valid[mask & ~at_zero].all()
+    assert scores.aligned[mask].all() and torch.isfinite(scores.logps).all()
+    reference = full_logps(teacher, inputs, trainer.teacher_vocab_size)
+    assert torch.equal(scores.argmax[mask], reference.argmax(-1)[mask])
+    assert torch.isinf(reference.gather(-1, inputs["completion_ids"][..., None])[..., 0][at_zero]).all()
+    inputs.update({key: value & mask if value.dtype == torch.bool and value.dim() == 2 else value
+                   for key, value in scores.as_dict().items()})
+    loss, grads = loss_and_grads(trainer, inputs, trainer.compute_loss)
+    assert torch.isfinite(loss) and all(torch.isfinite(grad).all() for grad in grads)
 
 
 def test_teacher_loaded_from_path_with_its_tokenizer(tmp_path, student, teacher, tokenizer, dataset):

@@ -83,9 +83,10 @@ class TokenBytes:
     scheme: str
 
     @classmethod
-    def of(cls, tokenizer: PreTrainedTokenizerBase, role: str) -> "TokenBytes":
+    def of(cls, tokenizer: PreTrainedTokenizerBase, role: str, rows: int = 0) -> "TokenBytes":
         """Read the bytes off a fast tokenizer's vocabulary; a tokenizer whose tokens do not map to bytes fails here,
-        naming the tokenizer (`role`: "student" or "teacher") and why."""
+        naming the tokenizer (`role`: "student" or "teacher") and why. `rows`: the model's output rows, when it has
+        more than its tokenizer has ids; a padding row stands for no bytes (a sampler can emit it; it writes nothing)."""
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
             raise ValueError(
@@ -108,7 +109,7 @@ class TokenBytes:
                 "or word vocabularies that are concatenated)."
             )
         vocab = backend.get_vocab(with_added_tokens=True)
-        size = max(vocab.values()) + 1
+        size = max(max(vocab.values()) + 1, rows)
         special_ids = set(tokenizer.all_special_ids)
         for index, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
             if added.special:
@@ -283,7 +284,7 @@ class CrossTokenizerAlignment:
             raise ValueError(f"`cross_tokenizer_targets` must be one of {list(TARGET_RULES)}, got {targets!r}.")
         self.continuation = targets == "continuation"
         self.teacher_tokenizer = teacher_tokenizer
-        self.student = TokenBytes.of(student_tokenizer, "student")
+        self.student = TokenBytes.of(student_tokenizer, "student", student_rows)
         self.teacher = TokenBytes.of(teacher_tokenizer, "teacher")
         self.student_eos = student_tokenizer.eos_token_id
         chat_end, eos = end_of_turn_ids(teacher_tokenizer)
@@ -412,7 +413,8 @@ class CrossTokenizerAlignment:
         t_group = np.full(len(teacher_ids), -1, dtype=np.int64)
         if len(boundaries) >= 2:
             s_group = np.searchsorted(boundaries, s_start, side="right") - 1
-            closed = (s_end <= boundaries[-1]) & (s_group >= 0)
+            # a token of no bytes (a padding row the sampler emitted) has no share in any group's log-probability
+            closed = (s_end <= boundaries[-1]) & (s_group >= 0) & (s_lengths > 0)
             counts = np.bincount(s_group[closed], minlength=len(boundaries))
             group[: len(s_lengths)][closed] = s_group[closed]
             size[: len(s_lengths)][closed] = counts[s_group[closed]]
@@ -435,11 +437,12 @@ class CrossTokenizerAlignment:
             continuation targets, inside a teacher token, the rest of its bytes when they continue the text."""
             at_sync_ids = _gather(teacher_ids, at_sync)
             ids = self.vocabulary(at_sync_ids)
-            finite = _gather(scores.valid, at_sync) & aligned
+            # the teacher's distribution there is finite (its argmax is an id), whatever it gives its own next token
+            finite = _gather(scores.argmax >= 0, at_sync) & aligned
             ok = (ids >= 0) & (finite if ids.dim() == 2 else finite.unsqueeze(-1))
             if inside.any():
                 continued = self._continuations(_gather(teacher_ids, at_cover), batch, inside)
-                finite_inside = _gather(scores.valid, at_cover) & inside
+                finite_inside = _gather(scores.argmax >= 0, at_cover) & inside
                 ok_inside = (continued >= 0) & (finite_inside if ids.dim() == 2 else finite_inside.unsqueeze(-1))
                 ids = torch.where(ok_inside, continued, ids)
                 ok = ok | ok_inside
@@ -530,8 +533,8 @@ class Mapped:
 
 class SharedVocabulary:
     """The teacher shares the student's ids: it scores the student's own prompt and completion, and every position
-    it scores finitely has a target (a served teacher's position whose top-k holds no id the student can emit has
-    none: its ids arrive as -1)."""
+    where its distribution is finite has a target, whatever probability it gives the sampled token (a non-finite
+    position, or a served teacher's whose top-k holds no id the student can emit, has none: its ids arrive as -1)."""
 
     cross_tokenizer = False
 
@@ -541,7 +544,7 @@ class SharedVocabulary:
 
     @staticmethod
     def to_student(scores: TeacherScores) -> TeacherScores:
-        scores.aligned = scores.valid & (scores.argmax >= 0)
+        scores.aligned = scores.argmax >= 0
         scores.argmax = scores.argmax.clamp(min=0)
         if scores.sample is not None:
             scores.sample = scores.sample.clamp(min=0)

@@ -255,8 +255,9 @@ class _GatherRequest:
 class TeacherScores:
     """
     What the guidance needs from one teacher-forced pass, per completion position `(B, T)`: `logps` = `log p_T(y_t)`,
-    `argmax`, `valid` (False where the teacher's output is not finite or `y_t` is outside the shared vocabulary),
-    and per mode `sample` (a token drawn from `p_T`), `topk_ids` / `topk_logps` `(B, T, K)`. Once mapped to the
+    `valid` (`logps` is finite: False where the teacher's output is not finite, `y_t` has probability 0 or is outside
+    the scored ids), `argmax`, and per mode `sample` (a token drawn from `p_T`), `topk_ids` / `topk_logps` `(B, T, K)`;
+    the ids are -1 where the teacher's distribution there is not finite (no target). Once mapped to the
     student's positions (`tgpo_trl.alignment`): `aligned` (the position has a teacher target; `valid` then says that
     `logps` is defined) and, across tokenizers or from a served teacher, `topk_valid` `(B, T, K)` (the slot holds a
     student id).
@@ -305,18 +306,23 @@ def score_rows(hidden, weight, bias, labels, vocab_size, logit_scale, softcap, t
         y = labels[rows]
         in_vocab = y < vocab_size
         logps = z.gather(-1, y.clamp(max=vocab_size - 1).unsqueeze(-1)).squeeze(-1) - log_z
+        # a target exists wherever the teacher's distribution is finite, whatever it gives `y_t` (a zero probability
+        # for the sampled token is where a target matters most); a non-finite row has none (-1), as from a server
+        valid = in_vocab & finite_rows & torch.isfinite(logps)
         part = {
-            "logps": torch.where(in_vocab & finite_rows, logps, 0.0),
-            "argmax": z.argmax(-1),
-            "valid": in_vocab & finite_rows & torch.isfinite(logps),
+            # 0 where undefined, never -inf: a term of `log p_T(y_t)` masked out of the loss must not send a NaN back
+            "logps": torch.where(valid, logps, 0.0),
+            "argmax": torch.where(finite_rows, z.argmax(-1), -1),
+            "valid": valid,
         }
         if sample:
             probs = torch.where(finite_rows.unsqueeze(-1), z - log_z.unsqueeze(-1), 0.0).exp_()
-            part["sample"] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            part["sample"] = torch.where(finite_rows, drawn, -1)
             del probs
         if top_k:
             topk = z.topk(min(top_k, vocab_size), dim=-1)
-            part["topk_ids"] = topk.indices
+            part["topk_ids"] = torch.where(finite_rows.unsqueeze(-1), topk.indices, -1)
             part["topk_logps"] = torch.where(finite_rows.unsqueeze(-1), topk.values - log_z.unsqueeze(-1), 0.0)
         del z
         parts.append(part)

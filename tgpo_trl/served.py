@@ -18,6 +18,7 @@ whose top-k holds none of them has no target; `tgpo_sample` draws from the teach
 
 import itertools
 import math
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -83,7 +84,8 @@ def _flag_hint(message: str) -> str:
     text = message.lower()
     if "max allowed" in text and "logprob" in text:
         return " Raise the server's `--max-logprobs` (or lower `guidance_top_k`)."
-    if "maximum context length" in text or "max_model_len" in text or "too long" in text:
+    if ("maximum context length" in text or "max_model_len" in text or "too long" in text
+            or "max_tokens must be at least 1" in text):
         return " Raise the server's `--max-model-len` (it must hold prompt + completion + 1 tokens)."
     if "out of vocabulary" in text:
         return (" The served model's vocabulary is smaller than the ids sent: it is not the teacher TGPO checked; serve "
@@ -213,7 +215,14 @@ class ServedTeacher:
         url = self.urls[index]
         ids = np.unique(np.linspace(0, self.vocab_size - 1, PROBE_IDS).round().astype(int)).tolist()
         prompt = [ids[-1], *ids]  # entry 0 has no log-probs: every probed id is read from entries 1.., the last too
-        body = self._request("POST", "/v1/completions", self._payload([prompt], top_k), replica=index)
+        try:
+            body = self._request("POST", "/v1/completions", self._payload([prompt], top_k), replica=index)
+        except TeacherServerError as error:
+            raise TeacherServerError(
+                f"{error} (The start-up probe scores ids 0..{ids[-1]}, every id the student can emit: a served model "
+                "with fewer output rows than that cannot score them. Serve a teacher whose vocabulary covers the "
+                "student's.)"
+            ) from error
         entries = body["choices"][0].get("prompt_logprobs")
         if not entries or len(entries) != len(prompt):
             raise TeacherServerError(
@@ -224,7 +233,8 @@ class ServedTeacher:
         for position, token in enumerate(prompt[1:], start=1):
             entry = (entries[position] or {}).get(str(token))
             decoded = entry.get("decoded_token") if entry else None
-            if decoded is None or decoded not in _decodings(tokenizer, token):
+            accepted = _decodings(tokenizer, token) | {vllm_decoded_token(tokenizer, token, prompt[1:position])}
+            if decoded is None or decoded not in accepted:
                 mismatches.append(f"id {token}: server {decoded!r}, {role} tokenizer {tokenizer.decode([token])!r}")
         if mismatches:
             raise TeacherServerError(
@@ -295,13 +305,44 @@ class ServedTeacher:
 
 
 def _decodings(tokenizer, token: int) -> set[str]:
-    """The strings vLLM versions write as `decoded_token`: the id decoded alone (with or without the tokenizer's
-    clean-up of spaces, which the server's copy of the tokenizer may set otherwise), the raw vocabulary piece (older
-    versions), or the decoded id with the leading spaces a SentencePiece `▁` stands for restored (newer ones)."""
+    """The strings vLLM versions write as `decoded_token` for an id decoded alone: the id decoded (with or without the
+    tokenizer's clean-up of spaces, which the server's copy of the tokenizer may set otherwise), the raw vocabulary
+    piece (older versions), or the decoded id with the leading spaces a SentencePiece `▁` stands for restored (newer
+    ones)."""
     decoded = {tokenizer.decode([token], clean_up_tokenization_spaces=clean) for clean in (False, True)}
     raw = tokenizer.convert_ids_to_tokens(token) or ""
     markers = len(raw) - len(raw.lstrip("▁"))
     return decoded | {raw} | {" " * markers + text.lstrip(" ") for text in decoded}
+
+
+# vLLM completes a piece of a multi-byte character with at most this many tokens before it
+_UTF8_CONTEXT = 4
+
+
+def vllm_decoded_token(tokenizer, token: int, context: list[int]) -> str:
+    """
+    The `decoded_token` vLLM (0.32) writes for `token` in the prompt log-probs of a position whose earlier prompt
+    tokens are `context` (entry 0 has none, so the prompt's first token is never part of it). A token that decodes
+    alone to text not ending in U+FFFD is that text. One that does is a piece of a multi-byte character (every
+    byte-level BPE has such ids): vLLM decodes it after the last 1, 2, ... 4 context tokens and, at the first that
+    completes the character, writes the text it adds beyond the context's own complete text; if none completes it,
+    `""`. The top-k entries of a position are read against the same context.
+    """
+    text = tokenizer.decode([token]) or ""
+    if not text.endswith("\ufffd"):
+        return text
+    for count in range(1, min(len(context), _UTF8_CONTEXT) + 1):
+        before = list(context[-count:])
+        joined = tokenizer.decode(before + [token])
+        if joined.endswith("\ufffd"):
+            continue
+        # the context's own text ends before its trailing pieces of an incomplete character
+        complete = len(before)
+        while complete > 0 and tokenizer.decode([before[complete - 1]]).endswith("\ufffd"):
+            complete -= 1
+        own = tokenizer.decode(before[:complete]) if complete else ""
+        return joined[len(os.path.commonprefix([own, joined])):]
+    return ""
 
 
 def _logprob(value) -> float:

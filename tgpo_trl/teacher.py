@@ -58,20 +58,22 @@ def find_teacher_tokenizer(
 
 
 def emittable_ids(student_tokenizer: PreTrainedTokenizerBase, student) -> tuple[int, int, int]:
-    """`(emittable, tokenizer ids, output rows)`: the student (a model, or its config) can emit only ids its tokenizer
-    knows and its output layer has a row for."""
+    """`(known, tokenizer ids, output rows)` of a student (a model, or its config). Its sampler (HF's or vLLM's) can
+    emit every row of its output layer, padding rows beyond its tokenizer included; `known` = `min(tokenizer ids,
+    output rows)` of them are tokens its tokenizer knows."""
     tokenizer_ids = max(student_tokenizer.get_vocab().values()) + 1
     student_rows = getattr(student, "config", student).get_text_config().vocab_size
     return min(tokenizer_ids, student_rows), tokenizer_ids, student_rows
 
 
 def differing_tokens(
-    student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase, emittable: int
+    student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase, known: int
 ) -> list[str]:
-    """The student tokens, among the ids it can emit, that have another id (or none) in the teacher's tokenizer."""
+    """The student tokens, among the `known` ids it can emit, that have another id (or none) in the teacher's
+    tokenizer."""
     teacher_vocab = teacher_tokenizer.get_vocab()
     return [token for token, index in student_tokenizer.get_vocab().items()
-            if index < emittable and teacher_vocab.get(token) != index]
+            if index < known and teacher_vocab.get(token) != index]
 
 
 def shared_vocab_size(
@@ -81,20 +83,23 @@ def shared_vocab_size(
     teacher_tokenizer: PreTrainedTokenizerBase | None,
 ) -> int:
     """
-    Check that the teacher can score, by id, every token the student can emit, and return how many leading ids that is.
+    Check that the teacher can score, by id, every token the student can emit, and return how many leading ids it
+    scores.
 
-    The student can emit only ids that both its tokenizer knows and its output layer has a row for: `min(tokenizer ids,
-    student output rows)`. Loading can make these differ either way: a padded embedding has rows beyond the tokenizer
-    (Qwen2.5-3B: 151,936 rows for 151,665 ids), and under transformers 5 a tokenizer loaded next to a `qwen2` config
-    may gain an `<|endoftext|>` beyond the embedding's rows. Each of those ids must have the same token in the
-    teacher's tokenizer, and the teacher a logit row for it; the teacher may know more tokens or have more (padding)
-    rows: its logits are restricted to the emittable ids, so padding rows and tokens the student cannot emit never
-    become guidance targets. A served teacher (`teacher=None`) has no rows to read here: its start-up probe sends the
-    highest id instead.
+    The student's sampler can emit every row of its output layer. Those its tokenizer knows (`min(tokenizer ids,
+    student output rows)`) must stand for the same token in the teacher's tokenizer, and the teacher must have a logit
+    row for each. Loading can make tokenizer and rows differ either way: a padded embedding has rows beyond the
+    tokenizer (Qwen2.5-3B: 151,936 rows for 151,665 ids), and under transformers 5 a tokenizer loaded next to a `qwen2`
+    config may gain an `<|endoftext|>` beyond the embedding's rows, which the student cannot emit. The teacher scores
+    the ids both models have rows for, `min(student rows, teacher rows)`: a padding row the student can sample (vLLM and
+    HF both sample every row) is scored wherever the teacher has that row too, and the teacher's distribution is over
+    exactly those ids (its extra rows, which the student can never emit, are left out and never become targets). A
+    served teacher (`teacher=None`) has no rows to read here: all the student's rows are sent, and its start-up probe
+    sends the highest.
     """
-    emittable, tokenizer_ids, student_rows = emittable_ids(student_tokenizer, student)
+    known, tokenizer_ids, student_rows = emittable_ids(student_tokenizer, student)
     if teacher_tokenizer is not None:
-        differing = differing_tokens(student_tokenizer, teacher_tokenizer, emittable)
+        differing = differing_tokens(student_tokenizer, teacher_tokenizer, known)
         if differing:
             student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
             examples = ", ".join(
@@ -103,7 +108,7 @@ def shared_vocab_size(
             )
             raise ValueError(
                 f"The teacher's tokenizer maps tokens differently from the student's: {len(differing)} of the "
-                f"{emittable} ids the student can emit stand for another token (or none) in the teacher ({examples}). "
+                f"{known} ids the student can emit stand for another token (or none) in the teacher ({examples}). "
                 "TGPO compares token ids, so the teacher must use the student's tokenizer (a teacher with extra tokens "
                 "or a padded embedding is fine)."
             )
@@ -113,15 +118,15 @@ def shared_vocab_size(
             "`teacher_processing_class` to the trainer to have it checked."
         )
     if teacher is None:
-        return emittable
+        return student_rows
     teacher_rows = teacher.config.get_text_config().vocab_size
-    if teacher_rows < emittable:
+    if teacher_rows < known:
         raise ValueError(
-            f"The teacher's output layer has {teacher_rows} rows, but the student can emit {emittable} ids (its "
-            f"tokenizer has {tokenizer_ids} ids, its output layer {student_rows} rows): the teacher cannot score ids "
-            f"{teacher_rows}..{emittable - 1}."
+            f"The teacher's output layer has {teacher_rows} rows, but the student can emit {known} ids its tokenizer "
+            f"knows (its tokenizer has {tokenizer_ids} ids, its output layer {student_rows} rows): the teacher cannot "
+            f"score ids {teacher_rows}..{known - 1}."
         )
-    return emittable
+    return min(student_rows, teacher_rows)
 
 
 def teacher_id_mapping(
@@ -138,10 +143,10 @@ def teacher_id_mapping(
     `(CrossTokenizer(...), the teacher tokenizer's ids)`, with a one-time log that cross-tokenizer scoring is on.
     `teacher` is None for a served teacher, whose rows are not known here.
     """
-    emittable, _, _ = emittable_ids(student_tokenizer, student)
-    if teacher_tokenizer is None or not differing_tokens(student_tokenizer, teacher_tokenizer, emittable):
+    known, _, student_rows = emittable_ids(student_tokenizer, student)
+    if teacher_tokenizer is None or not differing_tokens(student_tokenizer, teacher_tokenizer, known):
         return SharedVocabulary(), shared_vocab_size(student_tokenizer, student, teacher, teacher_tokenizer)
-    mapping = CrossTokenizer(student_tokenizer, teacher_tokenizer, emittable, targets)
+    mapping = CrossTokenizer(student_tokenizer, teacher_tokenizer, student_rows, targets)
     teacher_ids = max(teacher_tokenizer.get_vocab().values()) + 1
     teacher_rows = teacher.config.get_text_config().vocab_size if teacher is not None else teacher_ids
     logger.warning(

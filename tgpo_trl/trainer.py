@@ -43,6 +43,10 @@ _EXTRA_IDS = {"tgpo": "teacher_argmax", "tgpo_sample": "teacher_sample", "tgpo_t
               "rkl_topk": "teacher_topk_ids"}
 # The modes whose term is a target from the teacher's distribution; the others read `log p_T(y_t)`
 _TARGET_MODES = tuple(_EXTRA_IDS)
+# The modes whose term is a function of the sampled token `y_t` (an estimate over the sampler's tokens): vLLM's
+# importance-sampling ratio weights them per token, as TRL weights the policy term (and with it `opd`'s advantage). The
+# target modes' terms are functions of the prefix alone, which the ratio of `y_t` does not correct.
+_SAMPLED_TOKEN_MODES = ("rkl_k3", "kdrl")
 
 
 def _teacher_request(guidance: str, top_k: int) -> dict[str, Any]:
@@ -418,7 +422,7 @@ class TGPOTrainer(GRPOTrainer):
         # rows GRPO masked after generation (`mask_truncated_completions`) have no teacher score either
         scored = output["completion_mask"].bool()
         scores.valid, scores.aligned = scores.valid & scored, scores.aligned & scored
-        self._check_teacher_output(scores.valid | scores.aligned, self._loss_mask(output), mode)
+        self._check_teacher_output(self._usable_scores(scores), self._loss_mask(output), mode)
         if self.teacher_scoring.cross_tokenizer and not self._alignment_logged:
             self._alignment_logged = True
             rate = self._global_token_mean(scores.aligned.float(), self._loss_mask(output).bool())
@@ -494,11 +498,19 @@ class TGPOTrainer(GRPOTrainer):
         mask = inputs["completion_mask"]
         return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
 
+    def _usable_scores(self, scores) -> torch.Tensor:
+        """Where the teacher gave what the guidance reads: a target (the target modes), `log p_T(y_t)` (the others),
+        either (`none`, whose gap metrics read both)."""
+        if self.guidance in _TARGET_MODES:
+            return scores.aligned
+        return scores.valid | scores.aligned if self.guidance == "none" else scores.valid
+
     def _check_teacher_output(self, valid: torch.Tensor, mask: torch.Tensor, mode: str) -> None:
         """
-        Tokens where the teacher's output is not finite are left out of the guidance and counted in
-        `guidance/skipped_tokens`; a teacher with no finite output on a whole generation batch is broken, and stops the
-        run before it trains on nothing but noise.
+        Tokens where the teacher gave nothing usable (`valid`: a non-finite output, a sampled token of probability 0
+        for the modes that read `log p_T(y_t)`, or across tokenizers no target) are left out of the guidance and
+        counted in `guidance/skipped_tokens`; a teacher with no usable output on a whole generation batch is broken,
+        and stops the run before it trains on nothing but noise.
         """
         counts = torch.stack([(mask.bool() & ~valid).sum(), mask.sum()]).float()
         skipped, total = self.accelerator.reduce(counts, reduction="sum").tolist()
@@ -552,8 +564,13 @@ class TGPOTrainer(GRPOTrainer):
         coef = self.guidance_coef
         if per_token is not None:
             per_token = per_token.masked_fill(~mask, 0.0)  # a skipped teacher token contributes nothing, not NaN
+            weighted = per_token
+            # present only with `use_vllm` and `vllm_importance_sampling_correction` (TRL's default there)
+            ratio = inputs.get("importance_sampling_ratio")
+            if ratio is not None and self.guidance in _SAMPLED_TOKEN_MODES:
+                weighted = per_token * ratio
             loss = loss + coef * G.aggregate(
-                per_token, mask, self.loss_type, self.max_completion_length, **self._normalizer(inputs, mode)
+                weighted, mask, self.loss_type, self.max_completion_length, **self._normalizer(inputs, mode)
             )
 
         log_ratio = (student_logps.detach() - inputs["teacher_logps"]).masked_fill(~logp_mask, 0.0)
