@@ -1,23 +1,36 @@
 """
 A test-only stand-in for a vLLM OpenAI-compatible server (`vllm serve`), serving a tiny Hugging Face causal LM.
 
-vLLM cannot run in this project's CI (it needs a GPU and its own heavy install), so the client code that asks a vLLM
-server for prompt log-probs is tested against this protocol-faithful stand-in instead. It answers `GET /health`,
-`GET /v1/models` and `POST /v1/completions` (token-id prompts only: it does not tokenize text, and does not stream)
-with vLLM's response and error formats, and reproduces the quirks a client has to cope with:
+Real vLLM runs in this project's tests too (its CPU build, `tests/real_vllm.py`), but it takes a minute to start and
+cannot be made slow, flaky or broken on demand. This stand-in answers `GET /health`, `GET /v1/models` and
+`POST /v1/completions` (token-id prompts only: it does not tokenize text, and does not stream) in vLLM 0.32's formats,
+starts in a second, and has hooks for the faults real vLLM cannot produce on demand. `test_real_vllm_served.py`
+compares its answers with real vLLM's for the same model and requests, so the two cannot drift apart. What real vLLM
+showed, and the stand-in reproduces:
 
 - `prompt_logprobs` has one entry per prompt token and the first is `null` (nothing predicts the first token);
 - keys are token ids as *strings* (JSON object keys), values `{"logprob", "rank", "decoded_token"}`;
 - each entry starts with the actual prompt token, ranked by counting the vocabulary entries whose log-prob is >= its
-  own (so ties share the worse rank), followed by `torch.topk`'s k tokens ranked 1..k; an actual token that is also in
-  the top-k keeps its first position but takes the top-k value, so an entry holds k or k+1 items, not in rank order;
-- prompt log-probs are the model's raw full-vocabulary log-softmax: the request's temperature is not applied;
-- `-inf` is clamped to -9999.0 and NaN (or +inf) is written as `null`, as pydantic serialises it;
-- `decoded_token` decodes each id alone (`tokenizer.decode([id])`, special tokens kept);
-- `prompt_logprobs=-1` means the whole vocabulary, which is refused unless the server's max-logprobs is -1 too
-  (vLLM counts -1 as the vocabulary size against `--max-logprobs`, default 20);
-- generation is greedy and stops at EOS (`finish_reason` "stop") or after `max_tokens` ("length");
-- errors are vLLM's `ErrorResponse` body `{"error": {"message", "type", "param", "code"}}` with its messages.
+  own (ties share the worse rank), followed by the top-k in rank order, ranked 1..k; an actual token that is also in
+  the top-k keeps its first position but takes its top-k rank, so an entry holds k or k+1 items, not in rank order;
+  `prompt_logprobs: 0` gives the actual token alone;
+- prompt log-probs are the model's raw full-vocabulary log-softmax in float32: the request's temperature is not
+  applied;
+- `-inf` is clamped to -9999.0 (its rank is the vocabulary size) and NaN (or +inf) is written as `null`;
+- `decoded_token` is the id decoded alone, except for an id that decodes alone to text ending in U+FFFD (a piece of a
+  multi-byte character; every byte-level BPE has them): that is the text it completes after up to 4 earlier prompt
+  tokens, or `""` (`tgpo_trl.served.vllm_decoded_token`);
+- ids up to the model's last row are accepted (padding rows beyond the tokenizer too); beyond, "Token id N is out of
+  vocabulary";
+- `max_tokens` is cut to what `max_model_len` leaves after the prompt; a prompt of exactly `max_model_len` tokens
+  fails with "max_tokens must be at least 1, got 0.", a longer one with "This model's maximum context length is ...";
+- `prompt_logprobs` above `--max-logprobs` (default 20; -1 counts as the model's row count) is refused;
+- a choice echoes no token ids (`prompt_token_ids` and `token_ids` are `null`); generation is greedy here and stops at
+  EOS (`finish_reason` "stop") or after `max_tokens` ("length");
+- errors are vLLM's `ErrorResponse` body `{"error": {"message", "type", "param", "code"}}`; a message whose error has a
+  parameter ends with `(parameter=..., value=...)`, and file paths in messages read `<path>`; a request its schema
+  refuses (a negative id) is type "Bad Request" with `param` the field's location and pydantic's long message (not
+  reproduced here).
 
 Test hooks: `delay_s` (a slow server), `logprob_hook` (inject NaN or -inf), `fail_next` (transient 5xx), `stop`
 (a killed server), and the `requests` / `max_in_flight` records.
@@ -26,6 +39,7 @@ Test hooks: `delay_s` (a slow server), `logprob_hook` (inject NaN or -inf), `fai
 import argparse
 import json
 import math
+import re
 import threading
 import time
 import uuid
@@ -34,11 +48,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tgpo_trl.served import vllm_decoded_token
+
 
 class _RequestError(Exception):
-    def __init__(self, status: int, message: str, err_type: str = "BadRequestError"):
+    def __init__(self, status: int, message: str, err_type: str = "BadRequestError", param: str | None = None,
+                 value=None, validation: bool = True):
         super().__init__(message)
-        self.status, self.message, self.err_type = status, message, err_type
+        # vLLM's validation errors end their message with the parameter and value; its other errors only set `param`
+        extras = [f"{key}={item}" for key, item in (("parameter", param), ("value", value)) if item is not None]
+        self.message = f"{message} ({', '.join(extras)})" if extras and validation else message
+        self.status, self.err_type, self.param = status, err_type, param
+
+
+def _sanitize(message: str) -> str:
+    """vLLM's error messages name no file path."""
+    message = re.sub(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv)(?:/[\w.\-]+)+", "<path>", message)
+    return re.sub(r"(?:/[\w\-]+)+/[\w\-]+\.\w+", "<path>", message).strip()
 
 
 def _is_ids(value) -> bool:
@@ -126,54 +152,67 @@ class StandInServer:
 
     # -- completions ---------------------------------------------------------------------------------------------
 
-    def _decode(self, token_id: int) -> str:
+    def _decode(self, token_id: int, context: list[int]) -> str:
         if token_id not in self._decoded:
             self._decoded[token_id] = self.tokenizer.decode([token_id]) or ""
-        return self._decoded[token_id]
+        if not self._decoded[token_id].endswith("\ufffd"):
+            return self._decoded[token_id]
+        return vllm_decoded_token(self.tokenizer, token_id, context)
 
-    def _validate(self, body: dict) -> tuple[list[list[int]], int, int | None]:
-        """vLLM's checks and messages, in the order the clients meet them."""
+    def _validate(self, body: dict) -> tuple[list[list[int]], list[int], int | None]:
+        """vLLM's checks and messages, in the order the clients meet them; the prompts and each one's `max_tokens`."""
         if body.get("model") != self.served_model_name:
-            raise _RequestError(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+            raise _RequestError(404, f"The model `{body.get('model')}` does not exist. Valid aliases: "
+                                f"{self.served_model_name}.", "NotFoundError", param="model",
+                                validation=False)
         k = body.get("prompt_logprobs")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool)):
             raise _RequestError(400, "`prompt_logprobs` must be an integer.")
         if k is not None and body.get("stream") and (k > 0 or k == -1):
-            raise _RequestError(400, "`prompt_logprobs` are not available when `stream=True`.")
+            raise _RequestError(400, "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
         if k is not None and k < 0 and k != -1:
             raise _RequestError(400, "`prompt_logprobs` must be a positive value or -1.")
         if body.get("stream"):
             raise _RequestError(400, "The vLLM stand-in does not stream.")
-        if k is not None:
-            requested = self.vocab_size if k == -1 else k
-            allowed = self.vocab_size if self.max_logprobs == -1 else self.max_logprobs
-            if requested > allowed:
-                raise _RequestError(
-                    400, f"Requested prompt logprobs of {requested}, which is greater than max allowed: {allowed}")
         prompt = body.get("prompt")
+        if prompt == []:
+            raise _RequestError(400, "You must pass at least one prompt")
         prompts = [prompt] if _is_ids(prompt) else prompt
         if not (isinstance(prompts, list) and prompts and all(_is_ids(p) for p in prompts)):
             raise _RequestError(400, "The stand-in takes `prompt` as a list of token ids or a list of such lists.")
         if any(not p for p in prompts):
             raise _RequestError(400, "The decoder prompt cannot be empty")
+        last_id = max(self.vocab_size - 1, max(self.tokenizer.get_vocab().values()))
         max_tokens = body.get("max_tokens", 16)
+        budgets = []
         for ids in prompts:
-            bad = [i for i in ids if i < 0 or i >= self.vocab_size]
-            if bad:
-                raise _RequestError(400, f"Token id {max(bad) if max(bad) >= 0 else min(bad)} is out of vocabulary")
-            tokens = max_tokens if max_tokens is not None else self.max_model_len - len(ids)
-            if len(ids) + tokens > self.max_model_len:
+            negative = [index for index, i in enumerate(ids) if i < 0]
+            if negative:  # refused by the request's schema, before vLLM's own checks
+                raise _RequestError(400, "validation errors: prompt ids must be >= 0", "Bad Request",
+                                    param=f"body.prompt.{negative[0]}", validation=False)
+            if max(ids) > last_id:
+                raise _RequestError(400, f"Token id {max(ids)} is out of vocabulary")
+            if len(ids) > self.max_model_len:
                 raise _RequestError(
-                    400, f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                    f"requested {len(ids) + tokens} tokens ({len(ids)} in the messages, {tokens} in the completion). "
-                    "Please reduce the length of the messages or completion.")
-            if tokens < 1:
-                raise _RequestError(400, f"max_tokens must be at least 1, got {tokens}.")
-        return prompts, max_tokens, k
+                    400, f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt "
+                    f"contains {len(ids)} input tokens, which exceeds this limit even without any output tokens. "
+                    "Please reduce the length of the input prompt.", param="input_tokens", value=len(ids))
+            room = self.max_model_len - len(ids)  # vLLM cuts `max_tokens` to what the context leaves
+            budget = room if max_tokens is None else min(max_tokens, room)
+            if budget < 1:
+                raise _RequestError(400, f"max_tokens must be at least 1, got {budget}.", param="max_tokens",
+                                    value=budget)
+            budgets.append(budget)
+        if k is not None:
+            requested = self.vocab_size if k == -1 else k
+            allowed = self.vocab_size if self.max_logprobs == -1 else self.max_logprobs
+            if requested > allowed:
+                raise _RequestError(400, f"Requested prompt logprobs of {requested}, which is greater than max "
+                                    f"allowed: {allowed}", param="prompt_logprobs", value=requested)
+        return prompts, budgets, k
 
     @torch.no_grad()
-    def _complete_one(self, ids: list[int], max_tokens: int | None, k: int | None) -> tuple[dict, int]:
-        max_tokens = max_tokens if max_tokens is not None else self.max_model_len - len(ids)
+    def _complete_one(self, ids: list[int], max_tokens: int, k: int | None) -> tuple[dict, int]:
         with self._model_lock:
             logits = self.model(torch.tensor([ids])).logits[0].float()
             generated, sequence, finish = [], list(ids), "length"
@@ -199,13 +238,16 @@ class StandInServer:
             "logprobs": None,
             "finish_reason": finish,
             "stop_reason": None,
+            "token_ids": None,
             "prompt_logprobs": prompt_logprobs,
-            "prompt_token_ids": list(ids),
+            "prompt_token_ids": None,
+            "routed_experts": None,
         }
         return choice, len(generated)
 
     def _format(self, log_probs: torch.Tensor, targets: list[int], k: int) -> list[dict]:
-        """vLLM's dicts: the actual token (rank by count of >= log-probs) first, then topk's k with ranks 1..k."""
+        """vLLM's dicts: the actual token (rank by count of >= log-probs) first, then topk's k with ranks 1..k, each
+        decoded against the earlier prompt tokens (`targets[:row]`: entry 0, the first token's, has none)."""
         target = torch.tensor(targets).unsqueeze(1)
         actual = log_probs.gather(1, target)
         ranks = (log_probs >= actual).sum(-1).tolist()
@@ -216,7 +258,7 @@ class StandInServer:
             values = [actual[row, 0].item(), *top_values[row].tolist()]
             row_ranks = [ranks[row], *range(1, k + 1)]
             entries.append({
-                str(i): {"logprob": _json_float(v), "rank": r, "decoded_token": self._decode(i)}
+                str(i): {"logprob": _json_float(v), "rank": r, "decoded_token": self._decode(i, targets[:row])}
                 for i, v, r in zip(ids, values, row_ranks, strict=True)
             })
         return entries
@@ -234,12 +276,12 @@ class StandInServer:
         if self.delay_s:
             time.sleep(self.delay_s)
         try:
-            prompts, max_tokens, k = self._validate(body)
+            prompts, budgets, k = self._validate(body)
         except _RequestError as e:
-            return e.status, _error_body(e.status, e.message, e.err_type)
+            return e.status, _error_body(e.status, e.message, e.err_type, e.param)
         choices, prompt_tokens, completion_tokens = [], 0, 0
-        for ids in prompts:
-            choice, generated = self._complete_one(ids, max_tokens, k)
+        for ids, budget in zip(prompts, budgets, strict=True):
+            choice, generated = self._complete_one(ids, budget, k)
             choice["index"] = len(choices)
             choices.append(choice)
             prompt_tokens += len(ids)
@@ -250,8 +292,14 @@ class StandInServer:
             "created": int(time.time()),
             "model": self.served_model_name,
             "choices": choices,
+            "service_tier": None,
+            "system_fingerprint": "vllm-standin",
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
-                      "completion_tokens": completion_tokens},
+                      "completion_tokens": completion_tokens, "prompt_tokens_details": None,
+                      "completion_tokens_details": None},
+            "kv_transfer_params": None,
+            "ec_transfer_params": None,
+            "metrics": None,
         }
 
     def models_body(self) -> dict:
@@ -261,8 +309,8 @@ class StandInServer:
         }]}
 
 
-def _error_body(status: int, message: str, err_type: str) -> dict:
-    return {"error": {"message": message, "type": err_type, "param": None, "code": status}}
+def _error_body(status: int, message: str, err_type: str, param: str | None = None) -> dict:
+    return {"error": {"message": _sanitize(message), "type": err_type, "param": param, "code": status}}
 
 
 class _Handler(BaseHTTPRequestHandler):
