@@ -15,6 +15,14 @@ from tgpo_trl import CHECKPOINTING_FIELD, TGPOConfig, TGPOTrainer  # noqa: E402
 from tgpo_trl.demo.models import tiny_qwen2  # noqa: E402
 from tgpo_trl.demo.tokenizer import build_char_tokenizer  # noqa: E402
 
+import real_vllm  # noqa: E402
+
+
+def pytest_collection_finish(session):
+    """Real vLLM's environment takes minutes to build the first time: start it now, beside the rest of the suite."""
+    if any(item.get_closest_marker("vllm") for item in session.items):
+        real_vllm.start_building()
+
 
 @pytest.fixture(scope="session")
 def tokenizer():
