@@ -374,3 +374,25 @@ def test_continuation_targets_train_every_target_mode(tmp_path, student, tokeniz
         from tgpo_trl import TGPOConfig
 
         TGPOConfig(output_dir="unused", use_cpu=True, cross_tokenizer_targets="inside")
+
+
+def test_a_padding_row_the_student_sampled_gets_no_share_and_moves_nothing_else(tmp_path, char_student_tokenizer):
+    """A student's sampler (vLLM's or HF's) can emit a padding row beyond its tokenizer: it writes no bytes, gets no
+    target and no share of any group's log-probability, and every other position aligns as without it."""
+    teacher = byte_level_teacher_tokenizer(tmp_path / "teacher")
+    rows = len(char_student_tokenizer) + 4
+    alignment = CrossTokenizerAlignment(char_student_tokenizer, teacher, student_rows=rows)
+    plain = student_ids(char_student_tokenizer, TEXT)
+    padded = [*plain[:5], rows - 1, *plain[5:]]  # a padding id sampled after ' café'
+    batches = [alignment.teacher_batch([[{"role": "user", "content": "1+2="}]], torch.tensor([ids]),
+                                       torch.ones(1, len(ids), dtype=torch.long)) for ids in (plain, padded)]
+    assert torch.equal(batches[0].completion_ids, batches[1].completion_ids)  # the same text for the teacher
+    t_ids = batches[0].completion_ids
+    scores = [TeacherScores(logps=-torch.arange(1.0, t_ids.size(1) + 1).unsqueeze(0), argmax=t_ids.clone(),
+                            valid=torch.ones_like(t_ids, dtype=torch.bool)) for _ in batches]
+    plain_scores, padded_scores = (alignment.to_student(score, batch) for score, batch in zip(scores, batches,
+                                                                                                   strict=True))
+    keep = [index for index in range(len(padded)) if index != 5]
+    assert not padded_scores.aligned[0, 5] and not padded_scores.valid[0, 5]
+    for key in ("logps", "valid", "aligned", "argmax"):
+        assert torch.equal(getattr(padded_scores, key)[0, keep], getattr(plain_scores, key)[0]), key
