@@ -5,7 +5,7 @@ install:
 	python -m pip install -e ".[test]"
 
 test:
-	HF_HUB_OFFLINE=1 python -m pytest -q tests
+	HF_HUB_OFFLINE=1 python -m pytest -q -rs tests
 
 demo:
 	accelerate launch scripts/train.py
