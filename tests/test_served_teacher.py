@@ -1,6 +1,8 @@
 """
-A teacher served by vLLM (`teacher_server_url`), tested against `vllm_standin.StandInServer`: vLLM itself cannot run
-here, so a test-only server answers in exactly vLLM's format (quirks included) from a tiny HF model saved to disk.
+A teacher served by vLLM (`teacher_server_url`), tested against `vllm_standin.StandInServer`: a test-only server that
+answers in vLLM's format (quirks included, checked against real vLLM by `test_real_vllm_served.py`) from a tiny HF model
+saved to disk, starts in a second, and can be made slow, flaky or broken on demand. The same client against real vLLM:
+`test_real_vllm_served.py`.
 """
 
 import math

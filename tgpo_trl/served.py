@@ -11,8 +11,8 @@ token `j`; it holds the top-k (ranks 1..k) plus token `j` itself when that is ou
 temperature 1, as in process); `--max-logprobs` (default 20) caps k; `--max-model-len` bounds prompt + completion + 1.
 
 What differs from the in-process teacher: the server normalises over its whole vocabulary (in process, logits are
-restricted to the ids the student can emit first), so top-k entries outside the scored ids are dropped, and a position
-whose top-k holds none of them has no target; `tgpo_sample` draws from the teacher renormalised on its top-k
+restricted to the ids it scores first: the rows both models have, or across tokenizers the teacher tokenizer's ids), so
+top-k entries outside the scored ids are dropped, and a position whose top-k holds none of them has no target; `tgpo_sample` draws from the teacher renormalised on its top-k
 (`guidance_top_k` entries), not from the whole distribution.
 """
 

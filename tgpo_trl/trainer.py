@@ -505,14 +505,14 @@ class TGPOTrainer(GRPOTrainer):
             return scores.aligned
         return scores.valid | scores.aligned if self.guidance == "none" else scores.valid
 
-    def _check_teacher_output(self, valid: torch.Tensor, mask: torch.Tensor, mode: str) -> None:
+    def _check_teacher_output(self, usable: torch.Tensor, mask: torch.Tensor, mode: str) -> None:
         """
-        Tokens where the teacher gave nothing usable (`valid`: a non-finite output, a sampled token of probability 0
+        Tokens where the teacher gave nothing usable (`usable`, see `_usable_scores`: a non-finite output, a sampled token of probability 0
         for the modes that read `log p_T(y_t)`, or across tokenizers no target) are left out of the guidance and
         counted in `guidance/skipped_tokens`; a teacher with no usable output on a whole generation batch is broken,
         and stops the run before it trains on nothing but noise.
         """
-        counts = torch.stack([(mask.bool() & ~valid).sum(), mask.sum()]).float()
+        counts = torch.stack([(mask.bool() & ~usable).sum(), mask.sum()]).float()
         skipped, total = self.accelerator.reduce(counts, reduction="sum").tolist()
         self._metrics[mode]["guidance/skipped_tokens"].append(skipped)
         if total > 0 and skipped == total:
