@@ -31,6 +31,16 @@ def pytest_terminal_summary(terminalreporter):
                                     f"(built or reused at {real_vllm.ENV_DIR})")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two contending, and a
+    server beside the trainer needs the other core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_char_tokenizer()

@@ -13,31 +13,21 @@ import pytest
 import real_vllm
 import requests
 import torch
-from conftest import config_settings, length_reward
-from test_served_teacher import LOSS_METRICS, generate, loss_and_grads
+from test_served_teacher import LOSS_METRICS, StopServerAt, generate, loss_and_grads
+from test_served_teacher import trainer_for as served_trainer_for
 from test_vllm_standin import ERROR_CASES
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM
 from vllm_standin import StandInServer
 
 import tgpo_trl.served as served_module
-from tgpo_trl import TGPOConfig, TGPOTrainer
 from tgpo_trl.served import ServedTeacher, TeacherServerError
 from tgpo_trl.teacher import score_completions
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("one_torch_thread")]
 
 # The measured agreement of vLLM's float32 prompt log-probs with the HF log-softmax of the same weights is within
 # 5e-7 here (3e-5 in the notes, with torch.compile): a tolerance well above it, far below any real difference
 LOGP_ATOL = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """On 2 cores a server and a trainer side by side need one torch thread each."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -77,24 +67,15 @@ def dataset():
     return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{i}+{i + 1}= café"}] for i in range(16)]})
 
 
-def trainer_for(tmp_path, models, dataset, server_url=None, student="student", callbacks=None, **overrides):
-    """A trainer whose teacher is in process (`server_url=None`) or served by `server_url`."""
+def trainer_for(tmp_path, models, dataset, server_url=None, student="student", **overrides):
+    """A trainer of `models[student]` whose teacher is in process (`server_url=None`, its tokenizer given) or served by
+    `server_url` (its tokenizer found under its name)."""
     # 16 rollouts of up to 24 tokens: a random student samples its 8 padding rows (of 328) a few times per batch
-    defaults = dict(guidance_top_k=4, loss_type="bnpo", guidance_schedule="constant", per_device_train_batch_size=16,
-                    max_completion_length=24)
-    settings = config_settings(tmp_path, **{**defaults, **overrides})
-    teacher = None
-    if server_url is None:
-        teacher = AutoModelForCausalLM.from_pretrained(models["teacher"])
-    else:
-        settings["teacher_server_url"] = server_url
-        settings.setdefault("teacher_model_name_or_path", models["teacher"])
-        settings.setdefault("teacher_server_max_retries", 1)
-    tokenizer = models["tokenizer"] if student == "student" else models["char_tokenizer"]
-    return TGPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(models[student]), reward_funcs=length_reward,
-        args=TGPOConfig(**settings), train_dataset=dataset, processing_class=tokenizer, teacher_model=teacher,
-        callbacks=callbacks, teacher_processing_class=models["tokenizer"] if server_url is None else None,
+    overrides = {"per_device_train_batch_size": 16, "max_completion_length": 24, **overrides}
+    return served_trainer_for(
+        tmp_path, models, dataset, server_url, student=AutoModelForCausalLM.from_pretrained(models[student]),
+        tokenizer=models["tokenizer"] if student == "student" else models["char_tokenizer"],
+        teacher_tokenizer=models["tokenizer"] if server_url is None else None, **overrides,
     )
 
 
@@ -237,19 +218,9 @@ def test_a_teacher_of_another_tokenizer_through_real_vllm(tmp_path, models, data
 # ---------------------------------------------------------------------------------------------- a killed server
 
 
-class _KillServerAt(TrainerCallback):
-    def __init__(self, server, step):
-        self.server, self.step, self.weights = server, step, None
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step == self.step:
-            self.weights = {key: value.clone() for key, value in model.state_dict().items()}
-            self.server.stop()
-
-
 def test_server_killed_mid_run_stops_before_the_optimizer_step_then_resumes(tmp_path, models, dataset, servers):
     spare, main = servers["spare"], servers["main"]
-    kill = _KillServerAt(spare, 2)
+    kill = StopServerAt(spare, 2)  # `VLLMServer.stop` kills the server's process group
     trainer = trainer_for(tmp_path, models, dataset, spare.url, callbacks=[kill], max_steps=4, save_strategy="steps",
                           save_steps=1)
     with pytest.raises(TeacherServerError, match=r"stopped at step 2 before the batch reached the optimizer") as error:

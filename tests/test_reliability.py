@@ -27,13 +27,7 @@ from tgpo_trl import TGPOConfig, TGPOTrainer
 from tgpo_trl import trainer as trainer_module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two contending."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Subprocesses likewise

@@ -68,9 +68,11 @@ def server(models):
 
 
 def trainer_for(tmp_path, models, dataset, server_url=None, student=None, reward_funcs=length_reward,
-                callbacks=None, **overrides):
-    """A trainer whose teacher is in process (`server_url=None`) or served."""
-    settings = config_settings(tmp_path, guidance_top_k=4, loss_type="bnpo", guidance_schedule="constant", **overrides)
+                callbacks=None, tokenizer=None, teacher_tokenizer=None, **overrides):
+    """A trainer whose teacher is in process (`server_url=None`) or served; `models["student"]` with
+    `models["tokenizer"]` unless `student` and `tokenizer` are given."""
+    defaults = {"guidance_top_k": 4, "loss_type": "bnpo", "guidance_schedule": "constant"}
+    settings = config_settings(tmp_path, **{**defaults, **overrides})
     if server_url is None:
         teacher = AutoModelForCausalLM.from_pretrained(models["teacher"])
     else:
@@ -81,7 +83,8 @@ def trainer_for(tmp_path, models, dataset, server_url=None, student=None, reward
     return TGPOTrainer(
         model=student if student is not None else AutoModelForCausalLM.from_pretrained(models["student"]),
         reward_funcs=reward_funcs, args=TGPOConfig(**settings), train_dataset=dataset,
-        processing_class=models["tokenizer"], teacher_model=teacher, callbacks=callbacks,
+        processing_class=tokenizer or models["tokenizer"], teacher_model=teacher, callbacks=callbacks,
+        teacher_processing_class=teacher_tokenizer,
     )
 
 
@@ -265,7 +268,7 @@ def test_configuration_errors_name_the_field(tmp_path, models, dataset):
 # ---------------------------------------------------------------------------------------------- failures in a run
 
 
-class _StopServerAt(TrainerCallback):
+class StopServerAt(TrainerCallback):
     """Kill the server once `step` optimizer steps are done, and keep the student's weights at that point."""
 
     def __init__(self, server, step):
@@ -279,7 +282,7 @@ class _StopServerAt(TrainerCallback):
 
 def test_server_killed_mid_run_stops_before_the_optimizer_step_then_resumes(tmp_path, models, dataset):
     server = StandInServer(models["teacher"]).start()
-    stop = _StopServerAt(server, 2)
+    stop = StopServerAt(server, 2)
     trainer = trainer_for(tmp_path, models, dataset, server.url, callbacks=[stop], max_steps=4, save_strategy="steps",
                           save_steps=1)
     with pytest.raises(TeacherServerError, match=r"stopped at step 2 before the batch reached the optimizer") as error:
