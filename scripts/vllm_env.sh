@@ -8,6 +8,7 @@
 # A finished environment carries a stamp and is reused as it is; only the project is reinstalled (it may have changed).
 # Prints the environment's folder on its last line.
 set -euo pipefail
+began=$SECONDS
 
 VLLM_VERSION="${TGPO_VLLM_VERSION:-0.32.0}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -48,4 +49,5 @@ copy="$(mktemp -d)"
 trap 'rm -rf "$copy"' EXIT
 tar -C "$repo" --exclude=./.git --exclude=./build --exclude=./outputs --exclude='*.egg-info' -cf - . | tar -C "$copy" -xf -
 "$env_dir/bin/pip" install "${pip_quiet[@]}" --no-build-isolation "$copy" 2>&1 | quiet >&2
+echo "ready after $((SECONDS - began)) s" >&2
 echo "$env_dir"

@@ -27,8 +27,8 @@ def pytest_collection_finish(session):
 def pytest_terminal_summary(terminalreporter):
     seconds = real_vllm.build_seconds()
     if seconds is not None:
-        terminalreporter.write_line(f"real vLLM: scripts/vllm_env.sh finished {seconds:.0f} s after collection "
-                                    f"(built or reused at {real_vllm.ENV_DIR})")
+        terminalreporter.write_line(f"real vLLM: scripts/vllm_env.sh took {seconds:.0f} s, beside the suite (built or "
+                                    f"reused at {real_vllm.ENV_DIR})")
 
 
 @pytest.fixture

@@ -64,6 +64,8 @@ def environment() -> Path:
             lines = [line for line in log.read().splitlines() if not line.startswith("WARNING: Location")]
             seconds = time.monotonic() - _build["started"]
             if code == 0:
+                took = [line for line in lines if line.startswith("ready after ")]
+                seconds = float(took[-1].split()[2]) if took else seconds  # the script's own time, not the wait
                 _build["result"] = (True, Path(lines[-1].strip()), seconds)
             else:
                 tail = "\n".join(lines[-15:])
@@ -76,7 +78,7 @@ def environment() -> Path:
 
 
 def build_seconds() -> float | None:
-    """How long this session waited for the environment's build (or reuse) script, once it ran."""
+    """How long the environment's build (or reuse) script took, once this session collected it."""
     return None if _build["result"] is None else _build["result"][2]
 
 
