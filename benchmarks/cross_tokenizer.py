@@ -61,7 +61,7 @@ from tgpo_trl.alignment import (
 )
 from tgpo_trl.demo.models import tiny_llama
 from tgpo_trl.demo.tokenizer import build_byte_level_tokenizer
-from tgpo_trl.teacher import prepare_teacher, score_completions
+from tgpo_trl.teacher import freeze, score_completions
 
 NAME = "cross_tokenizer"
 ALIGNMENT_TARGET = 0.10  # per-batch alignment / teacher forward
@@ -311,7 +311,7 @@ def make_batches(settings: Settings, corpus: Corpus, student_tokenizer, count: i
 def teacher_model(settings: Settings, teacher_tokenizer):
     model = tiny_llama(teacher_tokenizer, settings.teacher_hidden, settings.teacher_layers, settings.heads,
                        vocab_size=len(teacher_tokenizer), seed=1)
-    return prepare_teacher(model, len(teacher_tokenizer))
+    return freeze(model)
 
 
 # ---------------------------------------------------------------------------------------------------- the rounds
@@ -338,7 +338,7 @@ def measure_rounds(settings: Settings, alignment, model, batches: list[dict], lo
             start = time.perf_counter()
             scores = score_completions(model, teacher_batch.prompt_ids, teacher_batch.prompt_mask,
                                        teacher_batch.completion_ids, teacher_batch.completion_mask,
-                                       batch_size=settings.batch, top_k=top_k)
+                                       model.config.vocab_size, settings.batch, top_k=top_k)
             common.synchronize(device)
             times[f"teacher_forward{suffix}"] = time.perf_counter() - start
             start = time.perf_counter()
@@ -563,7 +563,7 @@ def markdown(result: dict) -> str:
          "(every other row ends with the student's EOS, `<|im_end|>`, the others at the length limit), no padding."),
         (f"- The teacher: a tiny Llama (`tgpo_trl.demo.models.tiny_llama`, random weights, untied embeddings), hidden "
          f"{s['teacher_hidden']} x {s['teacher_layers']} layers, {s['heads']} heads, {teacher['vocab_size']:,} "
-         "embedding rows, given its scoring forward by `prepare_teacher`; `score_completions` runs the batch in one "
+         "embedding rows, frozen by `freeze`; `score_completions` runs the batch in one "
          "forward (`batch_size` = the batch), as `TGPOTrainer.score_with_teacher` does, over the teacher's own tokens "
          "of the batch (what cross-tokenizer scoring feeds it)."),
         ("- A round: `teacher_batch` on the round's batch, the forward, `to_student`, the forward with the top-k, "

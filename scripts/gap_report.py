@@ -38,6 +38,7 @@ from tgpo_trl import TGPOConfig, TGPOTrainer
 from tgpo_trl import gap as G
 from tgpo_trl.alignment import render_prompt
 from tgpo_trl.demo.build import MODEL_NAMES
+from tgpo_trl.lm_head import recorded_chunk_inputs
 
 REPORT_JSON, REPORT_MD = "gap_report.json", "gap_report.md"
 PLOT_LOG_RATIO, PLOT_POSITIONS = "gap_log_ratio_histogram.png", "gap_by_position.png"
@@ -191,6 +192,25 @@ def _greedy(model, prefixes: list[list[int]], pad_id: int, eos_ids: list[int], m
     return out
 
 
+# The inputs that run along a row's tokens (cut with its prefix); the others belong to its images
+_SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+def _greedy_with_images(model, inputs: dict, head: int, pad_id: int, eos_ids: list[int], max_new_tokens: int,
+                        synced_gpus: bool) -> list[int]:
+    """The greedy continuation of one row with images: its prompt (as GRPO padded it), the first `head` tokens of its
+    completion, and its image inputs; cut after the first end of turn (kept)."""
+    device = next(model.parameters()).device
+    cut = inputs["prompt_width"] + head
+    kwargs = {key: (value[:, :cut] if key in _SEQUENCE_INPUTS else value).to(device)
+              for key, value in inputs.items() if key != "prompt_width" and torch.is_tensor(value)}
+    generated = model.generate(**kwargs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                               eos_token_id=eos_ids, synced_gpus=synced_gpus, temperature=None, top_p=None,
+                               top_k=None)[0, cut:].tolist()
+    end = next((i for i, token in enumerate(generated) if token in eos_ids), None)
+    return generated[: end + 1] if end is not None else generated
+
+
 class Measurement:
     """Runs the measurement of one process's shard with a built trainer."""
 
@@ -239,7 +259,8 @@ class Measurement:
         model = model.get_base_model() if hasattr(model, "get_base_model") else model
         student = G.student_statistics(
             model, output["prompt_ids"], output["prompt_mask"], completion_ids, completion_mask, target_ids,
-            trainer.temperature, self.top_k, trainer._forward_batch_size, autocast=self.accelerator.autocast,
+            trainer.temperature, self.top_k, trainer._forward_batch_size,
+            forward=trainer._get_per_token_logps_and_entropies, image_inputs=trainer._image_inputs(output),
         )
         teacher = {key: value for key, value in output.items() if key.startswith("teacher_")}
         stats = G.token_gap(completion_ids, completion_mask, teacher, student.logps, student.target_logps[..., 0],
@@ -249,10 +270,12 @@ class Measurement:
         self.measure_prefixes(inputs, output, keep, num_generations)
 
     def measure_prefixes(self, inputs, output, keep, num_generations) -> None:
-        """The teacher and the student each greedily finish the same student prefixes; scored by the run's rewards."""
+        """The teacher and the student each greedily finish the same student prefixes; scored by the run's rewards.
+        With images, each sees them as it saw them when scored (the teacher not with `teacher_without_images`)."""
         trainer = self.trainer
         picked = [i for i in range(len(inputs)) if i % num_generations < self.args.gap_prefix_rollouts]
         index = torch.tensor(picked, device=output["completion_ids"].device)
+        row_inputs = self.row_inputs(output, picked)
         completion_ids, completion_mask = output["completion_ids"][index], output["completion_mask"][index]
         prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(output["prompt_ids"][index], output["prompt_mask"][index],
                                                               strict=True)]
@@ -264,7 +287,7 @@ class Measurement:
             cuts = G.prefix_lengths(completion_ids, completion_mask, trainer.eos_token_ids, fraction)
             heads = [[t for t in row if t not in trainer.eos_token_ids][:cut] for row, cut in zip(rows, cuts, strict=True)]
             for role in ("teacher", "student"):
-                texts, ids = self.finish(role, examples, prompt_ids, heads)
+                texts, ids = self.finish(role, examples, prompt_ids, heads, row_inputs)
                 prompts = [example["prompt"] for example in examples]
                 if prompts and not isinstance(prompts[0], str):
                     completions = [[{"role": "assistant", "content": text}] for text in texts]
@@ -274,10 +297,42 @@ class Measurement:
                 ok = correct(trainer, rewards, self.args.gap_correct_reward)
                 self.prefix_correct[role][fraction] += int((ok & kept).sum())
 
-    def finish(self, role, examples, prompt_ids, heads) -> tuple[list[str], list[list[int]]]:
-        """Completion texts (prefix + greedy continuation) and their student ids."""
+    def row_inputs(self, output, rows: list[int]) -> list[dict] | None:
+        """The image rows' own inputs (prompt ids, attention mask, their image inputs), split off the batch by GRPO's
+        chunked forward in chunks of one row; None for a batch without images."""
+        trainer = self.trainer
+        image_inputs = trainer._image_inputs(output)
+        if image_inputs is None:
+            return None
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        with recorded_chunk_inputs(trainer.model) as chunks:
+            trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, output["completion_ids"].size(1),
+                                                       batch_size=1, **image_inputs)
+        prompt_width = output["prompt_ids"].size(1)
+        return [{**chunks[row], "prompt_width": prompt_width} for row in rows]
+
+    def finish(self, role, examples, prompt_ids, heads, row_inputs=None) -> tuple[list[str], list[list[int]]]:
+        """Completion texts (prefix + greedy continuation) and their student ids. `row_inputs`: each row's own inputs,
+        with its images (`row_inputs`), for a batch with images."""
         trainer = self.trainer
         tokenizer = self.tokenizer
+        if row_inputs is not None and (role == "student" or not trainer.args.teacher_without_images):
+            # the images go with the prefix: the student's, and a teacher that shares its processor (the only kind
+            # allowed images), each generating from the row's own inputs cut after the prefix
+            if role == "student":
+                from trl.models.utils import unwrap_model_for_generation
+
+                context = unwrap_model_for_generation(trainer.model_wrapped, self.accelerator,
+                                                      gather_deepspeed3_params=trainer.args.ds3_gather_for_generation)
+            else:
+                context = _Unwrapped(self.accelerator.unwrap_model(trainer.teacher_model))
+            with context as model, torch.no_grad():
+                continuations = [_greedy_with_images(model, inputs, len(head), tokenizer.pad_token_id,
+                                                     list(trainer.eos_token_ids), self.max_new_tokens, self.synced_gpus)
+                                 for inputs, head in zip(row_inputs, heads, strict=True)]
+            ids = [h + c for h, c in zip(heads, continuations, strict=True)]
+            return tokenizer.batch_decode(ids, skip_special_tokens=True), ids
         if role == "student" or not self.cross:
             # A shared vocabulary: both models continue the student's own ids
             if role == "student":

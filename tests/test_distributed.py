@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import vlm_models
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-
-from tgpo_trl.demo.models import tiny_llama, tiny_qwen2
-from tgpo_trl.demo.build import cross_tokenizer_corpus
-from tgpo_trl.demo.tokenizer import build_byte_level_tokenizer, build_char_tokenizer
 from vllm_standin import StandInServer
+
+from tgpo_trl.demo.build import cross_tokenizer_corpus
+from tgpo_trl.demo.models import tiny_llama, tiny_qwen2
+from tgpo_trl.demo.tokenizer import build_byte_level_tokenizer, build_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed" / "run_tgpo.py"
@@ -79,6 +80,8 @@ def models(tmp_path_factory):
     bpe = build_byte_level_tokenizer(cross_tokenizer_corpus(), vocab_size=400)
     tiny_llama(bpe, hidden_size=48, num_layers=2, seed=1).save_pretrained(directory / "teacher_bpe")
     bpe.save_pretrained(directory / "teacher_bpe")
+    for name in ("vlm_student", "vlm_twin"):  # the same seed: the twin is the student's copy
+        vlm_models.save("llava_next", directory / name, seed=0)
     return directory
 
 
@@ -99,8 +102,9 @@ def single(models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero3(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")
-    # cross_resume last: it runs after the other scenarios have written their reports, and cannot change them
-    return out, run_worker(models, out, ["step", "resume", "lora", "cross_resume"], recipe="zero3_cpu_2proc.yaml")
+    # cross_resume and vlm_twin last: they run after the other scenarios have written their reports
+    return out, run_worker(models, out, ["step", "resume", "lora", "cross_resume", "vlm_twin"],
+                           recipe="zero3_cpu_2proc.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +262,20 @@ def test_zero3_teacher_of_another_tokenizer_trains_and_resumes(zero3, models):
         name: tuple(weight.shape) for name, weight in initial.items()
     }
     assert all(torch.isfinite(param).all() for param in final.parameters())
+
+
+def test_zero3_teacher_sees_the_images_the_student_sees(zero3):
+    """A vision-language student and its twin as the teacher, both partitioned: the teacher's scores come from GRPO's
+    chunked forward with the student's image inputs, so the reverse KL of the first step is 0 on every rank."""
+    _, reports = zero3
+    twin = reports["vlm_twin"]
+    assert [report["world_size"] for report in twin] == [2, 2]
+    assert all(report["teacher_is_deepspeed_engine"] for report in twin)
+    assert_half_on_each_rank([report["teacher"] for report in twin])
+    for report in twin:
+        (row,) = training_rows(report["log_history"])
+        assert abs(row["gap/reverse_kl"]) < 1e-5 and row["gap/aligned_ratio"] == 1.0
+        assert math.isfinite(row["guidance/loss"]) and row["guidance/loss"] > 0
 
 
 # ---------------------------------------------------------------------------------------------- data parallel

@@ -107,7 +107,9 @@ def test_on_policy_opd_takes_old_logps_from_the_loss_forward(
                                use_task_reward=use_task_reward, loss_type=loss_type)
     calls = []
     forward = trainer._get_per_token_logps_and_entropies
-    trainer._get_per_token_logps_and_entropies = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    # the student's forwards (the teacher's scoring pass runs through the same chunked forward)
+    trainer._get_per_token_logps_and_entropies = lambda model, *a, **k: (
+        calls.append(1) if model is not trainer.teacher_model else None) or forward(model, *a, **k)
     inputs = _scored_batch(trainer, dataset)
     assert "old_per_token_logps" not in inputs  # on policy: GRPO skips them
     loss, grads = _loss_and_grads(trainer, inputs)

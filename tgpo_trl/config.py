@@ -89,6 +89,12 @@ class TGPOConfig(GRPOConfig):
         use_task_reward (`bool`, *optional*, defaults to `True`):
             Whether to keep the GRPO policy term driven by the reward functions. `False` trains on the guidance alone
             (pure distillation); rewards are still computed and logged.
+        teacher_without_images (`bool`, *optional*, defaults to `False`):
+            With prompts that have images: let the teacher score them without their images (their text and image
+            placeholder tokens only), to distil a text model's way of reasoning into a vision-language student; logged
+            once. Off by default: a teacher that cannot see the student's images (a text-only, served, other-tokenizer
+            or other-processor teacher) is refused for a dataset with images, and an in-process vision-language teacher
+            that shares the student's processor gets the student's image inputs.
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -169,6 +175,12 @@ class TGPOConfig(GRPOConfig):
     use_task_reward: bool = field(
         default=True,
         metadata={"help": "Keep the reward-driven GRPO policy term. False trains on the guidance alone."},
+    )
+    teacher_without_images: bool = field(
+        default=False,
+        metadata={"help": "Let the teacher score image prompts without their images (text and image placeholder tokens "
+                  "only), e.g. to distil a text model's reasoning into a vision-language student. Off: a teacher that "
+                  "cannot see the images is refused for a dataset with images."},
     )
 
     def __post_init__(self):

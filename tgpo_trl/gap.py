@@ -5,9 +5,9 @@ Everything is measured on the student's own rollouts, at the run's temperature, 
 trainer's own `TGPOTrainer.score_with_teacher` (so the vocabulary rule and cross-tokenizer scoring are the trainer's).
 This module holds the parts that need no trainer:
 
-- `student_statistics`: the student's side, one no-grad forward per chunk of rows, its LM head applied a chunk of
-  positions at a time (never a `(batch, length, vocab)` tensor): `log p_s` at the sampled token, at the teacher's
-  argmax and top-k ids, and the student's own top-k ids;
+- `student_statistics`: the student's side, one no-grad forward per chunk of rows (the trainer's chunks, with the
+  batch's image inputs), its LM head applied a chunk of positions at a time (never a `(batch, length, vocab)` tensor):
+  `log p_s` at the sampled token, at the teacher's argmax and top-k ids, and the student's own top-k ids;
 - `token_gap`: the per-token statistics (tensors in, `(values, mask)` pairs out);
 - `GapAccumulator`: running sums, fixed-bin histograms and per-position bins of those statistics, mergeable across
   chunks and processes (bounded memory: nothing grows with the number of tokens);
@@ -39,10 +39,11 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .lm_head import (
     TEACHER_CHUNK_ELEMENTS,
-    _backbone_hidden_states,
+    hidden_state_pass,
     logit_transform,
     transform_logits,
 )
+from .teacher import chunked_forward
 
 TOKEN_METRICS = ("reverse_kl", "mismatch_ratio", "off_support_ratio", "guidance_loss", "teacher_confidence",
                  "topk_overlap", "shared_mass", "negative_feedback")
@@ -78,14 +79,16 @@ class StudentStatistics:
 
 @torch.no_grad()
 def student_statistics(model, prompt_ids, prompt_mask, completion_ids, completion_mask, target_ids: torch.Tensor,
-                       temperature: float, top_k: int, batch_size: int, autocast=None) -> StudentStatistics:
+                       temperature: float, top_k: int, batch_size: int, forward=chunked_forward,
+                       image_inputs: dict | None = None) -> StudentStatistics:
     """
     The student's log-probabilities at the run's `temperature` (logits scaled and soft-capped as the trainer's fused
     head does, then divided by the temperature), at the sampled tokens and at `target_ids (B, T, C)`, and its own
-    top-k ids, for every completion position. One backbone forward per `batch_size` rows; the LM head is applied to
-    at most `TEACHER_CHUNK_ELEMENTS // vocab` positions at a time, in fp32.
+    top-k ids, for every completion position. The backbone runs in `forward`'s chunks of `batch_size` rows (the
+    trainer's `_get_per_token_logps_and_entropies`, which also splits the batch's `image_inputs` between them); the LM
+    head is applied to at most `TEACHER_CHUNK_ELEMENTS // vocab` positions at a time, in fp32.
     """
-    logit_scale, softcap = logit_transform(model.config)
+    logit_scale, softcap = logit_transform(getattr(model, "module", model).config)
     inv_temperature = 1.0 / temperature
     num_completion = completion_ids.size(1)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -93,11 +96,11 @@ def student_statistics(model, prompt_ids, prompt_mask, completion_ids, completio
     out_logps = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
     out_targets = torch.zeros(target_ids.shape, dtype=torch.float32, device=completion_ids.device)
     out_topk = torch.zeros(*completion_ids.shape, top_k, dtype=torch.long, device=completion_ids.device)
-    for start in range(0, input_ids.size(0), batch_size):
-        rows = slice(start, start + batch_size)
-        kwargs = {"input_ids": input_ids[rows], "attention_mask": attention_mask[rows]}
-        with autocast() if autocast is not None else torch.autocast("cpu", enabled=False):
-            hidden, _, lm_head = _backbone_hidden_states(model, (), kwargs, input_ids[rows])
+    done = [0]  # rows measured so far: the chunks come in order
+
+    def measure_chunk(hidden, _, lm_head):
+        rows = slice(done[0], done[0] + hidden.size(0))
+        done[0] = rows.stop
         hidden = hidden[:, -num_completion:]  # the positions that predict the completion's tokens
         mask = completion_mask[rows].bool()
         h = hidden[mask]
@@ -124,6 +127,9 @@ def student_statistics(model, prompt_ids, prompt_mask, completion_ids, completio
             found = torch.cat(topk)
             out_topk[rows][mask] = torch.nn.functional.pad(found, (0, top_k - found.size(-1)), value=-1).to(
                 out_topk.device)
+
+    with hidden_state_pass(model, measure_chunk):
+        forward(model, input_ids, attention_mask, num_completion, batch_size=batch_size, **(image_inputs or {}))
     return StudentStatistics(out_logps, out_targets, out_topk)
 
 

@@ -5,8 +5,8 @@ TRL's fused LM head (`trl.trainer.utils.add_fused_lm_head`) scores one label per
 student forward, the log-probability of the sampled token (policy term) and of the teacher's tokens (guidance): a
 second forward would double the student's cost and, under ZeRO-3, breaks DeepSpeed's gradient bucketing. So the
 student's fused forward runs as TRL wrote it (its Triton kernels on GPU) and the `K` extra columns are read off its
-log-partition with a few gathered logits per position; the teacher gets a no-grad scoring forward that keeps only
-what the guidance needs.
+log-partition with a few gathered logits per position; the teacher's no-grad scoring pass (`hidden_state_pass`: GRPO's
+chunks, with their image inputs) keeps only what the guidance needs.
 
 Neither path ever holds a `(batch, length, vocab)` tensor: the teacher's logits exist one chunk of rows at a time.
 """
@@ -337,27 +337,61 @@ def score_rows(hidden, weight, bias, labels, vocab_size, logit_scale, softcap, t
     return TeacherScores(**{key: torch.cat([part[key] for part in parts]) for key in parts[0]})
 
 
-def install_teacher_scoring(model, vocab_size: int) -> None:
-    """
-    Give the teacher a scoring forward: `model(input_ids, attention_mask=..., labels=labels, teacher_scoring=request)`
-    returns the `TeacherScores` of every position whose label is not -100, without materializing full logits. Going
-    through the model's own forward (rather than calling its backbone directly) keeps DeepSpeed ZeRO-3's parameter
-    gathering hooks in play. Without `teacher_scoring`, the forward is the original one.
-    """
-    original_forward = model.forward
-    logit_scale, softcap = logit_transform(model.config)
+@contextmanager
+def _forward_replaced(model, make_forward):
+    """`model`'s forward replaced by `make_forward(module)` inside the context (`module`: the model a DeepSpeed engine or
+    DDP wraps, whose forward the wrapper calls), the original put back after."""
+    module = getattr(model, "module", model)
+    saved = module.__dict__.get("forward")  # an instance-level forward (TRL's fused head), put back afterwards
+    module.forward = make_forward(module)
+    try:
+        yield module
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
 
-    @functools.wraps(type(model).forward)
-    def forward(self, *args, teacher_scoring=None, labels=None, **kwargs):
-        if teacher_scoring is None:
-            return original_forward(*args, labels=labels, **kwargs)
-        hidden, labels, lm_head = _backbone_hidden_states(self, args, kwargs, labels)
-        mask = labels != -100
-        with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias):
-            scores = score_rows(
-                hidden[mask], lm_head.weight, lm_head.bias, labels[mask], vocab_size, logit_scale, softcap,
-                **teacher_scoring,
-            )
-        return mask, scores
 
-    model.forward = types.MethodType(forward, model)
+def _what_grpo_reads(labels: torch.Tensor, device) -> types.SimpleNamespace:
+    """What `GRPOTrainer._get_per_token_logps_and_entropies` reads back from a forward: zeros, for a pass that keeps
+    its own results."""
+    return types.SimpleNamespace(log_probs=torch.zeros(labels.shape, device=device), entropy=None)
+
+
+def hidden_state_pass(model, on_chunk):
+    """
+    While active, a forward of `model` in the form GRPO gives its chunked no-grad passes,
+    `model(**chunk_inputs, labels=labels, fused_lm_head=True)` (`GRPOTrainer._get_per_token_logps_and_entropies`: a
+    chunk of rows with its share of the batch's image inputs), runs the backbone only and calls
+    `on_chunk(hidden, labels, lm_head)` with the hidden states that predict `labels` (shifted; -100 where nothing is
+    scored); it returns what GRPO reads back (zeros as `log_probs`). TGPO's no-grad passes over a batch (the teacher's
+    scoring, the gap report's student statistics) so get exactly the inputs, chunks and autocast GRPO gives its own
+    forwards, images included, without a second copy of its chunking; and the call still goes through `model`, so a
+    DeepSpeed engine gathers ZeRO-3 parameters on the way.
+    """
+    def make_forward(module):
+        def forward(*args, labels=None, fused_lm_head=False, **kwargs):
+            hidden, shifted, lm_head = _backbone_hidden_states(module, args, kwargs, labels)
+            on_chunk(hidden, shifted, lm_head)
+            return _what_grpo_reads(labels, hidden.device)
+        return forward
+
+    return _forward_replaced(model, make_forward)
+
+
+@contextmanager
+def recorded_chunk_inputs(model):
+    """While active, a chunked forward of `model` (as in `hidden_state_pass`) runs nothing and records each chunk's
+    inputs (`input_ids`, `attention_mask` and its share of the image inputs) in the yielded list: GRPO's split of a
+    batch between chunks, read back (with chunks of one row, each row's own inputs)."""
+    chunks = []
+
+    def make_forward(module):
+        def forward(*args, labels=None, fused_lm_head=False, **kwargs):
+            chunks.append(kwargs)
+            return _what_grpo_reads(labels, labels.device)
+        return forward
+
+    with _forward_replaced(model, make_forward):
+        yield chunks

@@ -1,15 +1,23 @@
 """The teacher: loading, the shared-vocabulary rule, and teacher-forced scoring of the student's rollouts."""
 
 import os
-from contextlib import nullcontext
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging
-from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
+from trl.trainer.utils import (
+    create_model_from_path,
+    disable_dropout_in_model,
+    maybe_gather_lm_head_ctx,
+)
 
 from .alignment import CrossTokenizer, SharedVocabulary
-from .lm_head import TeacherScores, install_teacher_scoring
+from .lm_head import TeacherScores, hidden_state_pass, logit_transform, score_rows
 
 
 logger = logging.get_logger(__name__)
@@ -55,6 +63,73 @@ def find_teacher_tokenizer(
         return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
+
+
+def find_teacher_processor(teacher: PreTrainedModel, name_or_path: str | None, revision: str | None,
+                           trust_remote_code: bool):
+    """The teacher's multimodal processor (one with an image processor) if one can be found next to its weights, else
+    None (a text-only teacher, or a model object whose origin cannot be read)."""
+    source = name_or_path or getattr(teacher, "name_or_path", None)
+    if not source or (name_or_path is None and not os.path.isdir(source)):
+        return None
+    try:
+        processor = AutoProcessor.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return None
+    return processor if getattr(processor, "image_processor", None) is not None else None
+
+
+# What decides how a prompt's images become the inputs of a model: the token ids that stand for them and how many, and
+# the pixels a vision tower takes. A teacher must match the student on each to read the student's image inputs.
+_IMAGE_LAYOUT = {
+    "model type": lambda config: config.model_type,
+    "image token id": lambda config: getattr(config, "image_token_id", getattr(config, "image_token_index", None)),
+    "vision image size": lambda config: getattr(getattr(config, "vision_config", None), "image_size", None),
+    "vision patch size": lambda config: getattr(getattr(config, "vision_config", None), "patch_size", None),
+    "image tokens per image": lambda config: getattr(config, "mm_tokens_per_image", None),
+    "image grid pinpoints": lambda config: getattr(config, "image_grid_pinpoints", None),
+    "vision feature selection": lambda config: getattr(config, "vision_feature_select_strategy", None),
+}
+# Processor attributes that set the number of image tokens or the pixels (the image processor's settings apart)
+_PROCESSOR_LAYOUT = ("image_seq_length", "patch_size", "num_additional_image_tokens", "vision_feature_select_strategy",
+                     "image_token")
+
+
+def _image_processor_settings(processor) -> dict:
+    settings = processor.image_processor.to_dict()
+    return {key: value for key, value in settings.items() if key not in ("image_processor_type", "processor_class")}
+
+
+def why_teacher_cannot_see_images(teacher: PreTrainedModel, teacher_processor, student, student_processor,
+                                  cross_tokenizer: bool) -> str | None:
+    """
+    Why an in-process teacher cannot take the student's image inputs (GRPO's `pixel_values`, image token ids and the
+    like), or None when it can: it shares the student's ids (not `cross_tokenizer`), has a vision tower, and lays images
+    out as the student's processor does (the same model family's image tokens and vision input size; and, when the
+    teacher's own processor is known, the same image processing). The reason reads after "but".
+    """
+    name = getattr(teacher, "name_or_path", None) or type(teacher).__name__
+    if cross_tokenizer:
+        return (f"the teacher ({name}) has another tokenizer: it reads each rollout re-rendered as text in its own "
+                "tokens, which carry no images")
+    config = teacher.config
+    if getattr(config, "vision_config", None) is None:
+        return f"the teacher ({name}) is a text-only model: it has no vision tower to see them with"
+    student_config = getattr(student, "config", student)
+    differing = [f"{key} {read(config)!r} against the student's {read(student_config)!r}"
+                 for key, read in _IMAGE_LAYOUT.items() if read(config) != read(student_config)]
+    if teacher_processor is not None and getattr(student_processor, "image_processor", None) is not None:
+        differing += [f"processor {key} {getattr(teacher_processor, key, None)!r} against the student's "
+                      f"{getattr(student_processor, key, None)!r}" for key in _PROCESSOR_LAYOUT
+                      if getattr(teacher_processor, key, None) != getattr(student_processor, key, None)]
+        teacher_settings, student_settings = map(_image_processor_settings, (teacher_processor, student_processor))
+        differing += [f"image processor {key} {teacher_settings.get(key)!r} against the student's "
+                      f"{student_settings.get(key)!r}" for key in sorted(set(teacher_settings) | set(student_settings))
+                      if teacher_settings.get(key) != student_settings.get(key)]
+    if differing:
+        return (f"the teacher ({name}) lays images out otherwise than the student's processor ({'; '.join(differing[:4])}"
+                f"{'; ...' if len(differing) > 4 else ''}), so it cannot read the student's image inputs")
+    return None
 
 
 def emittable_ids(student_tokenizer: PreTrainedTokenizerBase, student) -> tuple[int, int, int]:
@@ -158,13 +233,6 @@ def teacher_id_mapping(
     return mapping, min(teacher_rows, teacher_ids)
 
 
-def prepare_teacher(teacher: PreTrainedModel, vocab_size: int) -> PreTrainedModel:
-    """Freeze the teacher and give it its chunked scoring forward (before any accelerator wrapping)."""
-    freeze(teacher)
-    install_teacher_scoring(teacher, vocab_size)
-    return teacher
-
-
 class Deferred:
     """Scores computed when they are collected: the in-process teacher's forward runs at `result()`, where the trainer
     collects a served teacher's answers, so both places the teacher can run look the same to the trainer."""
@@ -176,6 +244,25 @@ class Deferred:
         return self._compute()
 
 
+def chunked_forward(model, input_ids, attention_mask, logits_to_keep, batch_size, **image_inputs):
+    """
+    The no-grad forwards of a batch in chunks of `batch_size` rows, called as `GRPOTrainer._get_per_token_logps_and_
+    entropies` calls them (`model(input_ids, attention_mask, labels, fused_lm_head=True)`, the last `logits_to_keep`
+    positions scored), for text batches scored outside a trainer. A trainer passes its own method, which also splits
+    a batch's image inputs between the chunks.
+    """
+    if image_inputs:
+        raise ValueError(
+            f"Image inputs ({', '.join(image_inputs)}) are split between chunks by GRPO's own forward: pass "
+            "`forward=trainer._get_per_token_logps_and_entropies`."
+        )
+    for start in range(0, input_ids.size(0), batch_size):
+        ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :-logits_to_keep] = -100
+        model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+
+
 @torch.no_grad()
 def score_completions(
     teacher,
@@ -183,31 +270,35 @@ def score_completions(
     prompt_mask: torch.Tensor,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
+    vocab_size: int,
     batch_size: int,
     top_k: int = 0,
     sample: bool = False,
-    autocast=None,
+    forward=chunked_forward,
+    image_inputs: dict | None = None,
 ) -> TeacherScores:
     """
-    Teacher-force `teacher` on `prompt + completion` and score every completion position: one forward per
-    `batch_size` rows. Returns `(B, T)` / `(B, T, K)` scores aligned with `completion_ids`; masked positions hold
-    zeros and `valid=False`.
+    Teacher-force `teacher` on `prompt + completion` and score every completion position over its first `vocab_size`
+    ids (the scored ids: `teacher_id_mapping`). The forwards are `forward`'s, in its chunks of `batch_size` rows, with
+    the batch's `image_inputs` (the student's own, split as GRPO splits them: `forward` is then the trainer's
+    `_get_per_token_logps_and_entropies`). Returns `(B, T)` / `(B, T, K)` scores aligned with `completion_ids`;
+    masked positions hold zeros and `valid=False`.
     """
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    labels[:, : prompt_ids.size(1)] = -100
     num_completion = completion_ids.size(1)
-    request = {"top_k": top_k, "sample": sample}
+    logit_scale, softcap = logit_transform(getattr(teacher, "module", teacher).config)
     chunks = []
-    for start in range(0, input_ids.size(0), batch_size):
-        rows = slice(start, start + batch_size)
-        with autocast() if autocast is not None else nullcontext():
-            mask, scores = teacher(
-                input_ids=input_ids[rows], attention_mask=attention_mask[rows], labels=labels[rows],
-                teacher_scoring=request,
-            )
+
+    def score_chunk(hidden, labels, lm_head):
+        mask = labels != -100
+        with maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias):
+            scores = score_rows(hidden[mask], lm_head.weight, lm_head.bias, labels[mask], vocab_size, logit_scale,
+                                softcap, top_k=top_k, sample=sample)
         chunks.append(_unflatten(mask, scores, num_completion))
+
+    with hidden_state_pass(teacher, score_chunk):
+        forward(teacher, input_ids, attention_mask, num_completion, batch_size=batch_size, **(image_inputs or {}))
     fields = [key for key, value in vars(chunks[0]).items() if value is not None]
     return TeacherScores(**{key: torch.cat([getattr(chunk, key) for chunk in chunks]) for key in fields})
 

@@ -1,4 +1,5 @@
 import functools
+import inspect
 import os
 import sys
 import textwrap
@@ -8,7 +9,12 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 from trl import GRPOTrainer
@@ -28,11 +34,13 @@ from .model_card import TeacherSource, generate_tgpo_model_card
 from .served import ServedTeacher, TeacherServerError
 from .teacher import (
     Deferred,
+    find_teacher_processor,
     find_teacher_tokenizer,
+    freeze,
     load_teacher,
-    prepare_teacher,
     score_completions,
     teacher_id_mapping,
+    why_teacher_cannot_see_images,
 )
 
 
@@ -47,6 +55,34 @@ _TARGET_MODES = tuple(_EXTRA_IDS)
 # importance-sampling ratio weights them per token, as TRL weights the policy term (and with it `opd`'s advantage). The
 # target modes' terms are functions of the prefix alone, which the ratio of `y_t` does not correct.
 _SAMPLED_TOKEN_MODES = ("rkl_k3", "kdrl")
+
+
+# The entries of GRPO's batch that carry its prompts' images into a forward: the arguments by which
+# `GRPOTrainer._get_per_token_logps_and_entropies` splits them between chunks
+_IMAGE_INPUTS = tuple(
+    name for name in inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
+    if name not in ("self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+                    "compute_aux_loss")
+)
+_SERVED_SEES_NO_IMAGES = (
+    "the teacher is served (`teacher_server_url`), and vLLM's `/v1/completions` scores token ids: it carries no "
+    "images, so the teacher would score the image prompts without them"
+)
+# What a refusal for images tells the user to do
+_IMAGES_FIX = (
+    "Give the run an in-process vision-language teacher that shares the student's processor, or set "
+    "`teacher_without_images=True` to have the teacher score the prompts without their images (their text and image "
+    "placeholder tokens only: to distil a text model's way of reasoning)."
+)
+
+
+def _dataset_images(dataset) -> str | None:
+    """The column that gives a dataset's rows images (GRPO reads `image` or `images`), or None; None too for a dataset
+    whose columns are unknown (an iterable one), which is then checked at its first batch."""
+    columns = getattr(dataset, "column_names", None)
+    if isinstance(columns, dict):  # a DatasetDict
+        columns = [name for names in columns.values() for name in names]
+    return next((name for name in ("images", "image") if columns and name in columns), None)
 
 
 def _teacher_request(guidance: str, top_k: int) -> dict[str, Any]:
@@ -204,6 +240,12 @@ class TGPOTrainer(GRPOTrainer):
                 f"`guidance={args.guidance!r}` needs a teacher: set `teacher_model_name_or_path` in the config or pass "
                 "`teacher_model` to the trainer (or use `guidance='none'` for plain GRPO)."
             )
+        image_column = next(filter(None, map(_dataset_images, (train_dataset, eval_dataset))), None)
+        if served and image_column is not None and not args.teacher_without_images:
+            raise ValueError(
+                f"The dataset's prompts have images (its `{image_column}` column), but {_SERVED_SEES_NO_IMAGES}. "
+                + _IMAGES_FIX
+            )
         server = None
         if served:
             if isinstance(teacher_model, PreTrainedModel):
@@ -252,25 +294,40 @@ class TGPOTrainer(GRPOTrainer):
         self.teacher_server = server
         self.teacher_source = None
         self._alignment_logged = False  # the first batch's alignment rate is logged once, across tokenizers
-        self._teacher_in_flight = None  # the scores of the batch being generated, requested in `_generate`
+        self._teacher_in_flight = None  # a served teacher's scores of the batch being generated, requested in `_generate`
         self._teacher_inputs = None  # the examples of the batch being generated (a teacher of another tokenizer reads them)
+        self._image_refusal = None  # why the teacher cannot see a batch's images (None: it can, or there is no teacher)
+        self._images_withheld_logged = False  # `teacher_without_images` is logged once, at the first batch with images
         student = self.model.get_base_model() if is_peft_model(self.model) else self.model
         if server is not None:
             self.teacher_source = TeacherSource(server.model, args.teacher_model_revision)
             self.teacher_scoring, self.teacher_vocab_size = served_mapping
             self._student_logps = StudentLogProbs(student, self.temperature, args.cast_lm_head_to_fp32)
+            self._image_refusal = _SERVED_SEES_NO_IMAGES
             return
         if teacher is None:
             return
         self.teacher_source = TeacherSource.of(teacher, teacher_path, args.teacher_model_revision)
+        teacher_processor = teacher_processing_class
         if teacher_processing_class is None:
             teacher_processing_class = find_teacher_tokenizer(
                 teacher, teacher_path, args.teacher_model_revision, args.trust_remote_code
             )
+            teacher_processor = find_teacher_processor(teacher, teacher_path, args.teacher_model_revision,
+                                                       args.trust_remote_code)
         self.teacher_scoring, self.teacher_vocab_size = teacher_id_mapping(
-            self._tokenizer, self.model, teacher, teacher_processing_class, args.cross_tokenizer_targets
+            self._tokenizer, self.model, teacher, getattr(teacher_processing_class, "tokenizer", teacher_processing_class),
+            args.cross_tokenizer_targets,
         )
-        prepare_teacher(teacher, self.teacher_vocab_size)
+        self._image_refusal = why_teacher_cannot_see_images(
+            teacher, teacher_processor, student, self.processing_class, self.teacher_scoring.cross_tokenizer
+        )
+        if self._image_refusal is not None and image_column is not None and not args.teacher_without_images:
+            raise ValueError(
+                f"The dataset's prompts have images (its `{image_column}` column), but {self._image_refusal}. "
+                + _IMAGES_FIX
+            )
+        freeze(teacher)
         if self.is_deepspeed_enabled:
             self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
         else:
@@ -382,10 +439,11 @@ class TGPOTrainer(GRPOTrainer):
         return self.teacher_model is not None or self.teacher_server is not None
 
     def _generate(self, prompts: list):
-        # The teacher's scores are requested as soon as the completions exist, so that a served teacher works while GRPO
-        # computes rewards and its own no-grad forwards; they are collected in `_generate_and_score_completions`.
+        # A served teacher's scores are requested as soon as the completions exist, so that it works while GRPO
+        # computes rewards and its own no-grad forwards; they are collected in `_generate_and_score_completions`. (An
+        # in-process teacher runs there, with the image inputs GRPO builds after generation.)
         generated = super()._generate(prompts)
-        if self.has_teacher and self._teacher_inputs is not None:
+        if self.teacher_server is not None and self._teacher_inputs is not None:
             prompt_ids, completion_ids = generated[0], generated[1]
             device, pad_id = self.accelerator.device, self._tokenizer.pad_token_id
 
@@ -411,12 +469,14 @@ class TGPOTrainer(GRPOTrainer):
             return output
         mode = "train" if self.model.training else "eval"
         in_flight, self._teacher_in_flight = self._teacher_in_flight, None
+        image_inputs = self._teacher_image_inputs(output)
         if in_flight is None or not torch.equal(in_flight[1], output["completion_ids"]):
-            # `_generate` did not run for this batch (a subclass or test that supplies the rollouts): score them now
+            # an in-process teacher, or a served one whose requests `_generate` did not send (a subclass or test that
+            # supplies the rollouts): score the batch now
             prompts = self._prompts_for_teacher(inputs) if self.teacher_scoring.cross_tokenizer else None
             in_flight = (self.start_teacher_scoring(
                 output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"],
-                prompts=prompts,
+                prompts=prompts, image_inputs=image_inputs,
             ), None)
         scores = self._collect_teacher_scores(in_flight[0])
         # rows GRPO masked after generation (`mask_truncated_completions`) have no teacher score either
@@ -462,30 +522,64 @@ class TGPOTrainer(GRPOTrainer):
             )
         return [example["prompt"] for example in inputs]
 
-    def start_teacher_scoring(self, prompt_ids, prompt_mask, completion_ids, completion_mask, prompts=None):
+    def start_teacher_scoring(self, prompt_ids, prompt_mask, completion_ids, completion_mask, prompts=None,
+                              image_inputs=None):
         """
         The trainer's one scoring call: send a batch of rollouts to the teacher and return its scores in flight
         (`.result()`: what `self.guidance` needs, in the student's positions and ids). Where the teacher runs (in
         process, its forward at `.result()`; or served, requests sent now) and how its ids map (`self.teacher_scoring`:
         shared vocabulary, or cross-tokenizer, which needs the `prompts` themselves) are two separate layers.
+        `image_inputs`: the batch's image inputs as GRPO gives them to the student (`_IMAGE_INPUTS`), for an in-process
+        teacher that shares the student's processor.
         """
         request = _teacher_request(self.guidance, self.args.guidance_top_k)
+        if image_inputs and (self.teacher_server is not None or self.teacher_scoring.cross_tokenizer):
+            raise ValueError(f"Image inputs cannot be given to this teacher: {self._image_refusal}.")
         if self.teacher_server is not None:
             submit = functools.partial(self.teacher_server.submit, **request)
         else:
-            submit = functools.partial(self._score_in_process, **request)
+            submit = functools.partial(self._score_in_process, **request, image_inputs=image_inputs)
         return self.teacher_scoring.start(submit, prompts, prompt_ids, prompt_mask, completion_ids, completion_mask)
 
-    def score_with_teacher(self, prompt_ids, prompt_mask, completion_ids, completion_mask, prompts=None):
+    def score_with_teacher(self, prompt_ids, prompt_mask, completion_ids, completion_mask, prompts=None,
+                           image_inputs=None):
         """`start_teacher_scoring(...).result()`: the teacher's scores of a batch, waited for."""
-        return self.start_teacher_scoring(prompt_ids, prompt_mask, completion_ids, completion_mask, prompts).result()
+        return self.start_teacher_scoring(prompt_ids, prompt_mask, completion_ids, completion_mask, prompts,
+                                          image_inputs).result()
 
-    def _score_in_process(self, prompt_ids, prompt_mask, completion_ids, completion_mask, top_k, sample):
-        """The in-process teacher's chunked no-grad forward, run when its scores are collected."""
+    def _score_in_process(self, prompt_ids, prompt_mask, completion_ids, completion_mask, top_k, sample,
+                          image_inputs=None):
+        """The in-process teacher's no-grad forward, run when its scores are collected: GRPO's chunked forward (its
+        chunks, its autocast, and its split of the image inputs), as for its reference model."""
         return Deferred(functools.partial(
             score_completions, self.teacher_model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-            batch_size=self._forward_batch_size, top_k=top_k, sample=sample, autocast=self.accelerator.autocast,
+            self.teacher_vocab_size, self._forward_batch_size, top_k=top_k, sample=sample,
+            forward=self._get_per_token_logps_and_entropies, image_inputs=image_inputs,
         ))
+
+    def _image_inputs(self, output: dict[str, Any]) -> dict[str, Any] | None:
+        """The batch's image inputs, as GRPO gives them to the student's forwards; None for a batch without images."""
+        inputs = {key: output[key] for key in _IMAGE_INPUTS if output.get(key) is not None}
+        return inputs if inputs.get("pixel_values") is not None else None
+
+    def _teacher_image_inputs(self, output: dict[str, Any]) -> dict[str, Any] | None:
+        """The image inputs the teacher gets for this batch: the student's, none (`teacher_without_images`, logged
+        once), or an error when this teacher cannot see them."""
+        image_inputs = self._image_inputs(output)
+        if image_inputs is None or not self.has_teacher:
+            return None
+        if self.args.teacher_without_images:
+            if not self._images_withheld_logged:
+                self._images_withheld_logged = True
+                logger.warning(
+                    "`teacher_without_images=True`: the teacher scores the image prompts without their images (their "
+                    "text and image placeholder tokens only), so its targets and the `gap/*` metrics are those of a "
+                    "model that never saw the pictures."
+                )
+            return None
+        if self._image_refusal is not None:
+            raise ValueError(f"This batch's prompts have images, but {self._image_refusal}. " + _IMAGES_FIX)
+        return image_inputs
 
     @property
     def _forward_batch_size(self) -> int:

@@ -21,6 +21,10 @@ Scenarios:
 - `cross_resume`: `resume` with the teacher of another tokenizer (`teacher_bpe/`, found beside its weights, so
   cross-tokenizer scoring is on): real sampling, so each rollout's prompt is re-rendered the teacher's way. Records
   whether cross-tokenizer scoring was on and how the teacher is partitioned.
+- `vlm_twin`: a vision-language student (`vlm_student/`, a tiny LLaVA-Next with its processor) and its twin as the
+  teacher (`vlm_twin/`, the same weights) on prompts with images: one real step with the top-k guidance. The teacher,
+  partitioned, gets the student's image inputs, so the logged reverse KL is 0 (a teacher scoring without the images
+  would differ). Records the logs and how the teacher is partitioned.
 """
 
 import argparse
@@ -37,6 +41,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOTrainer
 
 from tgpo_trl import TGPOConfig, TGPOTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the tiny vision-language models
 
 # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel (a C++ build of ~2 minutes on 2 cores) when
 # its first process group starts; gloo does the same reductions without it. Declaring the op unavailable keeps a fresh
@@ -242,6 +248,20 @@ def run_cross_resume(models: Path, out: Path, world_size: int) -> dict:
     return run_resume(models, out, world_size, teacher="teacher_bpe")
 
 
+def run_vlm_twin(models: Path, out: Path, world_size: int) -> dict:
+    from transformers import AutoProcessor
+    from vlm_models import image_dataset
+
+    args = make_config(out, world_size, guidance="tgpo_topk", guidance_top_k=4, max_completion_length=6)
+    trainer = TGPOTrainer(
+        model=str(models / "vlm_student"), reward_funcs=length_reward, args=args, train_dataset=image_dataset(16),
+        processing_class=AutoProcessor.from_pretrained(models / "vlm_student"), teacher_model=str(models / "vlm_twin"),
+    )
+    trainer.train()
+    return {"log_history": trainer.state.log_history, "teacher": partition_summary(trainer.teacher_model),
+            "teacher_is_deepspeed_engine": is_deepspeed_engine(trainer.teacher_model)}
+
+
 def run_served_step(models: Path, out: Path, world_size: int) -> dict:
     """`run_step` with the teacher served by the test's stand-in (`$TGPO_TEST_TEACHER_SERVER`): each rank sends the
     requests of its own rows, and the logged metrics are reduced over ranks as with an in-process teacher."""
@@ -256,7 +276,7 @@ def run_served_step(models: Path, out: Path, world_size: int) -> dict:
 
 
 SCENARIOS = {"step": run_step, "resume": run_resume, "lora": run_lora, "cross_resume": run_cross_resume,
-             "served_step": run_served_step}
+             "served_step": run_served_step, "vlm_twin": run_vlm_twin}
 
 
 def main():
