@@ -178,7 +178,8 @@ def test_served_teacher_trains_like_the_in_process_teacher(tmp_path, models, dat
         # served, the draw is from the teacher's top-k (all the server returns); in process, from its whole
         # distribution. Both draw real teacher tokens; the loss is then compared on the same draws
         top = score_completions(local.teacher_model, inputs_local["prompt_ids"], inputs_local["prompt_mask"],
-                                inputs_local["completion_ids"], inputs_local["completion_mask"], batch_size=8, top_k=4)
+                                inputs_local["completion_ids"], inputs_local["completion_mask"],
+                                local.teacher_vocab_size, 8, top_k=4)
         assert (inputs_remote["teacher_sample"].unsqueeze(-1) == top.topk_ids).any(-1)[mask].all()
         inputs_local["teacher_sample"] = inputs_remote["teacher_sample"].clone()
 

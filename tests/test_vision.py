@@ -201,6 +201,23 @@ def test_a_served_text_teacher_without_images(tmp_path, models):
     assert any(image_id in prompt for request in server.requests[1:] for prompt in request["prompt"])
 
 
+def test_evaluation_datasets_with_images_count_too(tmp_path, models):
+    """Images in any of several evaluation datasets refuse a teacher that cannot see them; a teacher's processing class
+    given as a bare tokenizer leaves the comparison to the models' configs."""
+    text = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{i}+1="}] for i in range(8)]})
+    settings = config_settings(tmp_path, per_device_train_batch_size=4, steps_per_generation=2, eval_strategy="no")
+    student = models["llava_next"]["student"]
+    with pytest.raises(ValueError, match=r"`image` column.*text-only model"):
+        TGPOTrainer(model=student, reward_funcs=length_reward, args=TGPOConfig(**settings), train_dataset=text,
+                    eval_dataset={"plain": text, "pictures": V.image_dataset()}, processing_class=V.load(student)[1],
+                    teacher_model=models["text_teacher"])
+    with pytest.raises(ValueError, match=r"vision patch size 8 against the student's 4"):
+        TGPOTrainer(model=student, reward_funcs=length_reward, args=TGPOConfig(**settings),
+                    train_dataset=V.image_dataset(), processing_class=V.load(student)[1],
+                    teacher_model=models["llava_next"]["other_patches"],
+                    teacher_processing_class=AutoTokenizer.from_pretrained(models["llava_next"]["other_patches"]))
+
+
 def test_images_met_at_a_batch_are_refused_there(tmp_path, models):
     """A dataset whose image column is not known up front (here: a text dataset at construction) is checked at the
     batch that brings images."""

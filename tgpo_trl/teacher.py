@@ -118,7 +118,8 @@ def why_teacher_cannot_see_images(teacher: PreTrainedModel, teacher_processor, s
     student_config = getattr(student, "config", student)
     differing = [f"{key} {read(config)!r} against the student's {read(student_config)!r}"
                  for key, read in _IMAGE_LAYOUT.items() if read(config) != read(student_config)]
-    if teacher_processor is not None and getattr(student_processor, "image_processor", None) is not None:
+    if all(getattr(processor, "image_processor", None) is not None for processor in (teacher_processor,
+                                                                                     student_processor)):
         differing += [f"processor {key} {getattr(teacher_processor, key, None)!r} against the student's "
                       f"{getattr(student_processor, key, None)!r}" for key in _PROCESSOR_LAYOUT
                       if getattr(teacher_processor, key, None) != getattr(student_processor, key, None)]

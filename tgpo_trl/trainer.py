@@ -79,9 +79,9 @@ _IMAGES_FIX = (
 def _dataset_images(dataset) -> str | None:
     """The column that gives a dataset's rows images (GRPO reads `image` or `images`), or None; None too for a dataset
     whose columns are unknown (an iterable one), which is then checked at its first batch."""
+    if isinstance(dataset, dict):  # several evaluation datasets, or a DatasetDict
+        return next(filter(None, map(_dataset_images, dataset.values())), None)
     columns = getattr(dataset, "column_names", None)
-    if isinstance(columns, dict):  # a DatasetDict
-        columns = [name for names in columns.values() for name in names]
     return next((name for name in ("images", "image") if columns and name in columns), None)
 
 
