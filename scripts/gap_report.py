@@ -313,28 +313,14 @@ class Measurement:
         return [{**chunks[row], "prompt_width": prompt_width} for row in rows]
 
     def finish(self, role, examples, prompt_ids, heads, row_inputs=None) -> tuple[list[str], list[list[int]]]:
-        """Completion texts (prefix + greedy continuation) and their student ids. `row_inputs`: each row's own inputs,
-        with its images (`row_inputs`), for a batch with images."""
+        """Completion texts (prefix + greedy continuation) and their student ids. `row_inputs`: each row's own inputs
+        with its images (`row_inputs()`), for a batch with images."""
         trainer = self.trainer
         tokenizer = self.tokenizer
-        if row_inputs is not None and (role == "student" or not trainer.args.teacher_without_images):
-            # the images go with the prefix: the student's, and a teacher that shares its processor (the only kind
-            # allowed images), each generating from the row's own inputs cut after the prefix
-            if role == "student":
-                from trl.models.utils import unwrap_model_for_generation
-
-                context = unwrap_model_for_generation(trainer.model_wrapped, self.accelerator,
-                                                      gather_deepspeed3_params=trainer.args.ds3_gather_for_generation)
-            else:
-                context = _Unwrapped(self.accelerator.unwrap_model(trainer.teacher_model))
-            with context as model, torch.no_grad():
-                continuations = [_greedy_with_images(model, inputs, len(head), tokenizer.pad_token_id,
-                                                     list(trainer.eos_token_ids), self.max_new_tokens, self.synced_gpus)
-                                 for inputs, head in zip(row_inputs, heads, strict=True)]
-            ids = [h + c for h, c in zip(heads, continuations, strict=True)]
-            return tokenizer.batch_decode(ids, skip_special_tokens=True), ids
+        with_images = row_inputs is not None and (role == "student" or not trainer.args.teacher_without_images)
         if role == "student" or not self.cross:
-            # A shared vocabulary: both models continue the student's own ids
+            # A shared vocabulary: both models continue the student's own ids; with images, each row from its own
+            # inputs cut after the prefix (a teacher allowed the images shares the student's processor)
             if role == "student":
                 from trl.models.utils import unwrap_model_for_generation
 
@@ -343,9 +329,16 @@ class Measurement:
             else:
                 context = _Unwrapped(self.accelerator.unwrap_model(trainer.teacher_model))
             with context as model, torch.no_grad():
-                continuations = _greedy(model, [p + h for p, h in zip(prompt_ids, heads, strict=True)],
-                                        tokenizer.pad_token_id, list(trainer.eos_token_ids), self.max_new_tokens,
-                                        trainer._forward_batch_size, self.synced_gpus)
+                if with_images:
+                    continuations = [
+                        _greedy_with_images(model, inputs, len(head), tokenizer.pad_token_id,
+                                            list(trainer.eos_token_ids), self.max_new_tokens, self.synced_gpus)
+                        for inputs, head in zip(row_inputs, heads, strict=True)
+                    ]
+                else:
+                    continuations = _greedy(model, [p + h for p, h in zip(prompt_ids, heads, strict=True)],
+                                            tokenizer.pad_token_id, list(trainer.eos_token_ids), self.max_new_tokens,
+                                            trainer._forward_batch_size, self.synced_gpus)
             ids = [h + c for h, c in zip(heads, continuations, strict=True)]
             return tokenizer.batch_decode(ids, skip_special_tokens=True), ids
         # Another tokenizer: the teacher reads the prompt rendered its way and the prefix's text in its own tokens
