@@ -9,12 +9,7 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 from trl import GRPOTrainer
@@ -64,16 +59,20 @@ _IMAGE_INPUTS = tuple(
     if name not in ("self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
                     "compute_aux_loss")
 )
+# Why a served teacher cannot take images (read after "but")
 _SERVED_SEES_NO_IMAGES = (
     "the teacher is served (`teacher_server_url`), and vLLM's `/v1/completions` scores token ids: it carries no "
     "images, so the teacher would score the image prompts without them"
 )
-# What a refusal for images tells the user to do
-_IMAGES_FIX = (
-    "Give the run an in-process vision-language teacher that shares the student's processor, or set "
-    "`teacher_without_images=True` to have the teacher score the prompts without their images (their text and image "
-    "placeholder tokens only: to distil a text model's way of reasoning)."
-)
+
+
+def _images_refused(where: str, reason: str) -> ValueError:
+    """The error for images a teacher cannot see: where they are, why, and what to do."""
+    return ValueError(
+        f"{where}, but {reason}. Give the run an in-process vision-language teacher that shares the student's "
+        "processor, or set `teacher_without_images=True` to have the teacher score the prompts without their images "
+        "(their text and image placeholder tokens only: to distil a text model's way of reasoning)."
+    )
 
 
 def _dataset_images(dataset) -> str | None:
@@ -241,11 +240,9 @@ class TGPOTrainer(GRPOTrainer):
                 "`teacher_model` to the trainer (or use `guidance='none'` for plain GRPO)."
             )
         image_column = next(filter(None, map(_dataset_images, (train_dataset, eval_dataset))), None)
+        images_in_data = f"The dataset's prompts have images (its `{image_column}` column)"
         if served and image_column is not None and not args.teacher_without_images:
-            raise ValueError(
-                f"The dataset's prompts have images (its `{image_column}` column), but {_SERVED_SEES_NO_IMAGES}. "
-                + _IMAGES_FIX
-            )
+            raise _images_refused(images_in_data, _SERVED_SEES_NO_IMAGES)
         server = None
         if served:
             if isinstance(teacher_model, PreTrainedModel):
@@ -323,10 +320,7 @@ class TGPOTrainer(GRPOTrainer):
             teacher, teacher_processor, student, self.processing_class, self.teacher_scoring.cross_tokenizer
         )
         if self._image_refusal is not None and image_column is not None and not args.teacher_without_images:
-            raise ValueError(
-                f"The dataset's prompts have images (its `{image_column}` column), but {self._image_refusal}. "
-                + _IMAGES_FIX
-            )
+            raise _images_refused(images_in_data, self._image_refusal)
         freeze(teacher)
         if self.is_deepspeed_enabled:
             self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
@@ -578,7 +572,7 @@ class TGPOTrainer(GRPOTrainer):
                 )
             return None
         if self._image_refusal is not None:
-            raise ValueError(f"This batch's prompts have images, but {self._image_refusal}. " + _IMAGES_FIX)
+            raise _images_refused("This batch's prompts have images", self._image_refusal)
         return image_inputs
 
     @property
