@@ -351,16 +351,18 @@ class _Handler(BaseHTTPRequestHandler):
                 if not isinstance(body, dict):
                     raise TypeError("the request body must be a JSON object")
             except (ValueError, TypeError) as e:
-                self._send(400, _error_body(400, f"Invalid JSON body: {e}", "BadRequestError"))
-                return
-            try:
-                status, response = standin.handle_completions(body)
-            except Exception as e:  # noqa: BLE001 - a bug or a hook's error is vLLM's 500, not a dropped socket
-                status, response = 500, _error_body(500, repr(e), "InternalServerError")
-            self._send(status, response)
+                status, response = 400, _error_body(400, f"Invalid JSON body: {e}", "BadRequestError")
+            else:
+                try:
+                    status, response = standin.handle_completions(body)
+                except Exception as e:  # noqa: BLE001 - a bug or a hook's error is vLLM's 500, not a dropped socket
+                    status, response = 500, _error_body(500, repr(e), "InternalServerError")
         finally:
+            # done before the answer leaves: a client that gets it may send its next request at once, which must not
+            # count as a third in flight beside the two it allows
             with standin._state_lock:
                 standin._in_flight -= 1
+        self._send(status, response)
 
 
 def main():
