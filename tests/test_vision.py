@@ -136,7 +136,7 @@ def test_a_copy_of_the_student_as_teacher_has_no_gap_on_image_prompts(tmp_path, 
     assert abs(blind["gap/reverse_kl"]) > 1e-3
 
 
-def test_a_served_copy_scores_like_the_in_process_teacher_with_a_given_image_batch(tmp_path, models):
+def test_scores_with_images_are_the_same_at_any_chunk_size(tmp_path, models):
     """`score_completions` with the trainer's chunked forward and the image inputs equals the one-forward reference at
     any chunk size (chunks of 1, 3 and 8 rows: GRPO's split of the images, reused)."""
     trainer = vlm_trainer(tmp_path, models, "llava_next", guidance="tgpo")

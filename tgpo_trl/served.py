@@ -44,7 +44,12 @@ PROBE_IDS = 64
 
 
 class TeacherServerError(RuntimeError):
-    """The teacher server could not score a batch (or failed its start-up probe); the message names the URL."""
+    """The teacher server could not score a batch (or failed its start-up probe); the message names the URL. `status`:
+    the 4xx status of a refused request (which the message explains), None when no usable answer came."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 def server_urls(value) -> list[str]:
@@ -165,7 +170,7 @@ class ServedTeacher:
                     if 400 <= response.status_code < 500:
                         raise TeacherServerError(
                             f"The teacher server at {url} refused the request ({response.status_code}): {message}."
-                            + _flag_hint(message)
+                            + _flag_hint(message), status=response.status_code,
                         )
                     failures.append(f"{url}: {response.status_code} {message}")
             if attempt < self.max_retries:
@@ -218,9 +223,11 @@ class ServedTeacher:
         try:
             body = self._request("POST", "/v1/completions", self._payload([prompt], top_k), replica=index)
         except TeacherServerError as error:
+            if error.status is not None:  # refused, with the server's own reason and its hint
+                raise
             raise TeacherServerError(
                 f"{error} (The start-up probe scores ids 0..{ids[-1]}, every id the student can emit: a served model "
-                "with fewer output rows than that cannot score them. Serve a teacher whose vocabulary covers the "
+                "with fewer output rows than that fails on them. Serve a teacher whose vocabulary covers the "
                 "student's.)"
             ) from error
         entries = body["choices"][0].get("prompt_logprobs")

@@ -3,18 +3,9 @@
 import os
 
 import torch
-from transformers import (
-    AutoProcessor,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoProcessor, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
-from trl.trainer.utils import (
-    create_model_from_path,
-    disable_dropout_in_model,
-    maybe_gather_lm_head_ctx,
-)
+from trl.trainer.utils import create_model_from_path, disable_dropout_in_model, maybe_gather_lm_head_ctx
 
 from .alignment import CrossTokenizer, SharedVocabulary
 from .lm_head import TeacherScores, hidden_state_pass, logit_transform, score_rows
