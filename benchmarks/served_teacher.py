@@ -1,20 +1,26 @@
 """
-A served teacher against the in-process one: TGPO's step time on CPU, and how much of the teacher's time the overlap
-hides.
+A served teacher on the step's critical path or off it: TGPO's step time on CPU against GRPO's and the in-process
+teacher's, as the generation batch is trained in more slices.
+
+GRPO generates one batch of rollouts and trains it in `steps_per_generation` slices, one after another. A served
+teacher's scores are collected per slice: the batch's requests go out slice by slice as soon as the completions exist,
+and each slice waits only for its own, so the later slices are answered while the earlier ones train. Before, the whole
+batch's scores were waited for when the batch was generated (`TGPOTrainer._collect_by_slice = False` measures that
+path, with everything else the same).
 
 The served teacher runs in its own process, serving the same weights the in-process trainer holds: real vLLM (`vllm
 serve`, its CPU build from scripts/vllm_env.sh, `--enforce-eager`, one torch thread) and the test suite's stand-in
-(`tests/vllm_standin.py`, vLLM's `/v1/completions` format, one torch thread). All trainers take the same fixed rollouts
-(no sampling, as the speed benchmark) and are alternated step by step in one run, so machine load hits them alike.
-Each configuration is measured twice: with GRPO's defaults (`beta=0`: between the completions and the loss GRPO runs
-only the reward functions, so there is little for the requests to hide behind) and with `beta=0.04` (a reference-model
-forward, as many recipes use). The trainer uses `--threads` torch threads.
+(`tests/vllm_standin.py`, vLLM's `/v1/completions` format, one torch thread). At a fixed generation batch (`batch`
+rollouts), for each number of slices (`slices`; `gradient_accumulation_steps` = `steps_per_generation` = slices, one
+optimizer step per batch), the trainers are GRPO without a teacher, TGPO with the teacher in process, and TGPO served,
+before and after. All take the same fixed rollouts (no sampling, as the speed benchmark) and are alternated step by step
+in one run, so machine load hits them alike. The trainer uses `--threads` torch threads.
 
-For a served teacher, per step: `request` = seconds from sending the batch's requests until the last answer was in,
-`wait` = how long the trainer waited for them when it collected the scores; `hidden = 1 - wait / request`. For the
-in-process teacher, `teacher forward` is its scoring forward over the same batch timed alone.
+Per step of a served trainer: `request` (`teacher/request_time`) = seconds from sending the batch's first requests
+until the last answer was in; `wait` (`teacher/wait_time`) = how long the trainer was blocked on them. The share of the
+teacher's time hidden = `1 - (served step - GRPO step) / request`.
 
-    python benchmarks/served_teacher.py                      # about 5 minutes on 2 cores (vLLM's start included)
+    python benchmarks/served_teacher.py                      # about 12 minutes on 2 cores (vLLM's start included)
     python benchmarks/served_teacher.py --servers standin    # without real vLLM
     python benchmarks/served_teacher.py --quick --servers standin   # a smoke run (the tests)
 """
@@ -47,17 +53,18 @@ from benchmarks.common import (  # noqa: E402  (sets the offline environment bef
 )
 
 import torch  # noqa: E402
-
-import tgpo_trl.served as served  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 
 NAME = "served_teacher"
-BETAS = (0.0, 0.04)
+HIDDEN_TARGET = 0.70  # of the teacher's time, at `MANY_SLICES` slices or more
+STEP_TARGET = 1.10  # served step / GRPO step, where the teacher's time is below the later slices' training time
+MANY_SLICES = 4
 
 
 @dataclass(frozen=True)
 class Settings:
-    batch: int = 16
+    batch: int = 32  # the generation batch: rollouts per optimizer step
     num_generations: int = 4
     prompt_length: int = 32
     completion_length: int = 128
@@ -68,33 +75,34 @@ class Settings:
     teacher_layers: int = 4
     heads: int = 4
     top_k: int = 8
-    steps: int = 8  # measured steps per trainer and configuration, after one warm-up step
+    slices: str = "1,2,4,8"  # steps_per_generation values, comma-separated
+    beta: float = 0.0  # GRPO's default: no reference model
+    steps: int = 6  # measured steps per trainer and configuration, after one warm-up step
     threads: int = 1
     seed: int = 0
 
 
-QUICK = replace(Settings(), batch=4, num_generations=2, completion_length=16, vocab=256, student_hidden=32,
-                teacher_hidden=48, steps=2)
+QUICK = replace(Settings(), batch=8, num_generations=2, completion_length=16, vocab=256, student_hidden=32,
+                teacher_hidden=48, slices="1,2", steps=2)
 
 
 SERVERS = ("vllm", "standin")
 
 
-class _Timings:
-    """Each collected batch's `(request, wait)` seconds, read off `PendingScores` after `result()`, under the name of
-    the trainer stepping (`current`)."""
+def slice_counts(settings: Settings) -> list[int]:
+    return [int(part) for part in settings.slices.split(",") if part.strip()]
 
-    def __init__(self):
-        self.rows, self.current = {}, None
-        self._result = served.PendingScores.result
-        timings = self
 
-        def result(pending):
-            scores = timings._result(pending)
-            timings.rows.setdefault(timings.current, []).append((pending.request_time, pending.wait_time))
-            return scores
+class TeacherTimes(TrainerCallback):
+    """Each optimizer step's `teacher/wait_time` and `teacher/request_time`, read off the trainer's metrics."""
 
-        served.PendingScores.result = result
+    def __init__(self, trainer):
+        self.trainer, self.wait, self.request = trainer, [], []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        metrics = self.trainer._metrics["train"]
+        self.wait.append(metrics["teacher/wait_time"][-1])
+        self.request.append(metrics["teacher/request_time"][-1])
 
 
 def start_standin(model_dir: Path):
@@ -135,7 +143,6 @@ def measure(settings: Settings, work_dir: Path, servers: list[str]) -> tuple[dic
     setup.student().save_pretrained(student_dir)
     setup.tokenizer.save_pretrained(student_dir)
     stops, urls, started = [], {}, {}
-    timings = _Timings()
     results = {}
     try:
         for name in servers:
@@ -143,47 +150,85 @@ def measure(settings: Settings, work_dir: Path, servers: list[str]) -> tuple[dic
             stop, urls[name] = {"vllm": start_vllm, "standin": start_standin}[name](model_dir)
             stops.append(stop)
             started[name] = time.perf_counter() - begin
-        for beta in BETAS:
-            trainers = {"in_process": build_trainer("tgpo", setup, str(work_dir / f"local{beta}"),
-                                                    student=str(student_dir), teacher=teacher, beta=beta)}
-            for name, url in urls.items():
-                trainers[name] = build_trainer("tgpo", setup, str(work_dir / f"{name}{beta}"), student=str(student_dir),
-                                               beta=beta, teacher_server_url=url,
-                                               teacher_model_name_or_path=str(model_dir))
-            recorders = {name: StepRecorder() for name in trainers}
-            for name, trainer in trainers.items():
-                trainer.add_callback(recorders[name])
-            for name, trainer in trainers.items():
-                timings.current = name
-                run_steps(trainer, recorders[name], 1)  # warm-up
-            timings.rows.clear()
-            times = {name: [] for name in trainers}
-            for _ in range(settings.steps):  # alternated, one step at a time
-                for name, trainer in trainers.items():
-                    timings.current = name
-                    times[name] += run_steps(trainer, recorders[name], 1)
-            forward = time_teacher_forward(trainers["in_process"], setup, settings.steps)
-            row = {"beta": beta, "step_s": {name: summary(values) for name, values in times.items()},
-                   "teacher_forward_s": summary(forward), "served": {}}
-            for name in urls:
-                request = [timing[0] for timing in timings.rows[name]]
-                wait = [timing[1] for timing in timings.rows[name]]
-                row["served"][name] = {
-                    "over_in_process": summary([a / b for a, b in zip(times[name], times["in_process"],
-                                                                      strict=True)])["median"],
-                    "request_s": summary(request),
-                    "wait_s": summary(wait),
-                    "hidden_fraction": summary([1 - w / r if r > 0 else 0.0 for r, w in zip(request, wait,
-                                                                                            strict=True)]),
-                }
-                log(f"beta={beta:g} {name}: {summary(times[name])['median']:.3f} s/step (in process "
-                    f"{summary(times['in_process'])['median']:.3f}); request {summary(request)['median']:.3f} s, "
-                    f"wait {summary(wait)['median']:.3f} s")
-            results[f"beta={beta:g}"] = row
+        for slices in slice_counts(settings):
+            results[str(slices)] = measure_slices(settings, setup, teacher, work_dir, student_dir, model_dir, urls,
+                                                  slices)
     finally:
         for stop in stops:
             stop()
     return results, started
+
+
+def measure_slices(settings, setup, teacher, work_dir, student_dir, model_dir, urls, slices: int) -> dict:
+    """One configuration: the generation batch trained in `slices` slices, every trainer alternated step by step."""
+    if settings.batch % slices:
+        raise ValueError(f"--batch {settings.batch} is not a multiple of {slices} slices")
+    shape = {"per_device_train_batch_size": settings.batch // slices, "gradient_accumulation_steps": slices,
+             "steps_per_generation": slices, "beta": settings.beta}
+    out = work_dir / f"slices{slices}"
+    trainers = {"grpo": build_trainer("grpo", setup, str(out / "grpo"), student=str(student_dir), **shape),
+                "in_process": build_trainer("tgpo", setup, str(out / "local"), student=str(student_dir),
+                                            teacher=teacher, **shape)}
+    for name, url in urls.items():
+        for collection in ("before", "after"):
+            trainer = build_trainer("tgpo", setup, str(out / f"{name}_{collection}"), student=str(student_dir),
+                                    teacher_server_url=url, teacher_model_name_or_path=str(model_dir), **shape)
+            trainer._collect_by_slice = collection == "after"
+            trainers[f"{name}_{collection}"] = trainer
+    recorders = {name: StepRecorder() for name in trainers}
+    teacher_times = {name: TeacherTimes(trainer) for name, trainer in trainers.items() if name not in ("grpo",
+                                                                                                      "in_process")}
+    for name, trainer in trainers.items():
+        trainer.add_callback(recorders[name])
+        if name in teacher_times:
+            trainer.add_callback(teacher_times[name])
+        run_steps(trainer, recorders[name], 1)  # warm-up
+    for times in teacher_times.values():
+        times.wait.clear()
+        times.request.clear()
+    steps = {name: [] for name in trainers}
+    for _ in range(settings.steps):  # alternated, one step at a time
+        for name, trainer in trainers.items():
+            steps[name] += run_steps(trainer, recorders[name], 1)
+    forward = time_teacher_forward(trainers["in_process"], setup, settings.steps)
+    row = {"slices": slices, "step_s": {name: summary(values) for name, values in steps.items()},
+           "teacher_forward_s": summary(forward), "served": {}}
+    grpo = row["step_s"]["grpo"]["median"]
+    for name, times in teacher_times.items():
+        request, wait = summary(times.request), summary(times.wait)
+        step = row["step_s"][name]["median"]
+        row["served"][name] = {
+            "over_grpo": step / grpo,
+            "over_in_process": step / row["step_s"]["in_process"]["median"],
+            "request_s": request,
+            "wait_s": wait,
+            "hidden_fraction": 1 - (step - grpo) / request["median"],
+            # the training time of the slices after the first, from GRPO's step
+            "later_slices_s": grpo * (slices - 1) / slices,
+        }
+        log(f"{slices} slices, {name}: {step:.3f} s/step (GRPO {grpo:.3f}, in process "
+            f"{row['step_s']['in_process']['median']:.3f}); request {request['median']:.3f} s, wait "
+            f"{wait['median']:.3f} s, hidden {row['served'][name]['hidden_fraction']:.0%}")
+    return row
+
+
+def checks(result: dict) -> list[dict]:
+    """The issue's goals, per server, on the `after` trainers: at `MANY_SLICES` slices or more, at least
+    `HIDDEN_TARGET` of the teacher's time hidden; and the served step within `STEP_TARGET` x GRPO's wherever the
+    teacher's time is below the training time of the slices after the first."""
+    found = []
+    for slices, row in result["results"].items():
+        for server in result["servers"]:
+            cell = row["served"][f"{server}_after"]
+            if int(slices) >= MANY_SLICES:
+                found.append({"name": f"hidden, {slices} slices, {SERVER_NAMES[server]}",
+                              "measured": cell["hidden_fraction"], "target": f">= {HIDDEN_TARGET:.2f}",
+                              "passed": cell["hidden_fraction"] >= HIDDEN_TARGET})
+            if cell["request_s"]["median"] < cell["later_slices_s"]:
+                found.append({"name": f"served / GRPO step, {slices} slices, {SERVER_NAMES[server]}",
+                              "measured": cell["over_grpo"], "target": f"<= {STEP_TARGET:.2f}",
+                              "passed": cell["over_grpo"] <= STEP_TARGET})
+    return found
 
 
 SERVER_NAMES = {"vllm": "real vLLM", "standin": "stand-in"}
@@ -200,7 +245,7 @@ def markdown(result: dict) -> str:
                    "torch thread)",
     }
     lines = [
-        "# A served teacher against the in-process teacher (CPU)",
+        "# A served teacher off the step's critical path (CPU)",
         "",
         "Generated by `python benchmarks/served_teacher.py` (raw numbers in `served_teacher.json`). The served teacher "
         "runs in its own process, serving the in-process teacher's weights: "
@@ -210,48 +255,50 @@ def markdown(result: dict) -> str:
         f"Measured {env['date']} on {env['platform']}, {env['cpu_count']} cores, trainer torch threads "
         f"{env['torch_threads']}, load average at start {env['load_average']}. Student hidden {s['student_hidden']} x "
         f"{s['student_layers']} layers, teacher hidden {s['teacher_hidden']} x {s['teacher_layers']} layers, vocabulary "
-        f"{s['vocab']}, batch {s['batch']} x ({s['prompt_length']} + {s['completion_length']}) tokens, guidance `tgpo`; "
+        f"{s['vocab']}; a generation batch of {s['batch']} rollouts x ({s['prompt_length']} + {s['completion_length']}) "
+        f"tokens per optimizer step, trained in 1 to {max(int(k) for k in result['results'])} slices "
+        f"(`steps_per_generation` = `gradient_accumulation_steps`); guidance `tgpo`, beta {s['beta']:g}; "
         f"{s['steps']} measured steps per trainer and configuration (medians). Servers up after: "
         + ", ".join(f"{SERVER_NAMES[name]} {result['server_start_s'][name]:.0f} s" for name in servers) + ".",
         "",
-        "| configuration | teacher | step (s) | served / in-process | in-process teacher forward (s) "
-        "| served request (s) | trainer waited (s) | hidden by the overlap |",
+        "`before`: the whole batch's scores waited for when the batch is generated (the collection before per-slice "
+        "scores); `after`: each slice waits only for its own. `request`: seconds from sending the batch's first "
+        "requests until the last answer (`teacher/request_time`); `waited`: seconds the trainer was blocked on them "
+        "(`teacher/wait_time`); `hidden` = 1 - (served step - GRPO step) / request.",
+        "",
+        "| slices | trainer | step (s) | / GRPO | / in process | request (s) | waited (s) | hidden |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, row in result["results"].items():
-        lines.append(f"| {name} | in process | {row['step_s']['in_process']['median']:.3f} | 1.00 | "
-                     f"{row['teacher_forward_s']['median']:.3f} | | | |")
+    for slices, row in result["results"].items():
+        steps = row["step_s"]
+        lines.append(f"| {slices} | GRPO, no teacher | {steps['grpo']['median']:.3f} | 1.00 | | | | |")
+        lines.append(f"| {slices} | TGPO, teacher in process (forward {row['teacher_forward_s']['median']:.3f} s) | "
+                     f"{steps['in_process']['median']:.3f} | "
+                     f"{steps['in_process']['median'] / steps['grpo']['median']:.2f} | 1.00 | | | |")
         for server in servers:
-            cell = row["served"][server]
-            lines.append(
-                f"| {name} | {SERVER_NAMES[server]} | {row['step_s'][server]['median']:.3f} | "
-                f"{cell['over_in_process']:.2f} | | {cell['request_s']['median']:.3f} | "
-                f"{cell['wait_s']['median']:.3f} | {cell['hidden_fraction']['median']:.0%} |"
-            )
-    first = next(iter(result["results"].values()))
-    lines += [""] + [
-        f"At `{next(iter(result['results']))}`, {SERVER_NAMES[server]} answered a batch in "
-        f"{first['served'][server]['request_s']['median']:.3f} s, against {first['teacher_forward_s']['median']:.3f} s "
-        "for the in-process teacher's forward over it"
-        + (" (real vLLM's CPU kernels run the teacher's matrix products through oneDNN on prepacked weights, faster "
-           "than the trainer's PyTorch forward, HTTP and JSON included)." if server == "vllm" else
-           " (the stand-in is a plain Hugging Face forward plus the JSON).")
-        for server in servers
-    ]
+            for collection in ("before", "after"):
+                cell = row["served"][f"{server}_{collection}"]
+                lines.append(
+                    f"| {slices} | TGPO, {SERVER_NAMES[server]}, {collection} | "
+                    f"{steps[f'{server}_{collection}']['median']:.3f} | {cell['over_grpo']:.2f} | "
+                    f"{cell['over_in_process']:.2f} | {cell['request_s']['median']:.3f} | "
+                    f"{cell['wait_s']['median']:.3f} | {cell['hidden_fraction']:.0%} |"
+                )
+    found = result.get("checks", [])
+    if found:
+        lines += ["", "| check (the `after` trainers) | measured | target | result |", "|---|---|---|---|"]
+        lines += [f"| {check['name']} | {check['measured']:.2f} | {check['target']} | "
+                  f"{'pass' if check['passed'] else 'FAIL'} |" for check in found]
     lines += [
         "",
-        "`served request` runs from sending the batch's requests (as soon as the completions exist) until the last "
-        "answer was in; `trainer waited` is the part of it the trainer spent blocked when it collected the scores; "
-        "`hidden` = 1 - waited / request, per step. With `beta=0`, GRPO computes only the rewards between the "
-        "completions and the loss, so little of the request can hide; a reference-model forward (`beta=0.04`) gives "
-        "it more to hide behind.",
+        "The step-time check applies where the teacher's time per batch (`request`) is below the training time of "
+        "the slices after the first (GRPO's step x (slices - 1) / slices): only there can the later slices' requests "
+        "hide completely.",
         "",
         "What this does and does not say: on 2 CPU cores the servers and the trainer share the machine, so a served "
-        "teacher here only moves the teacher's forward to another core, and HTTP, JSON and the per-token parsing of "
-        "`prompt_logprobs` are overhead on top of it; where real vLLM's step is shorter than the in-process one, its "
-        "faster CPU kernels pay for that overhead (a property of its CPU build, not of serving). On a GPU cluster the served teacher runs on its own GPUs (vLLM), and the "
-        "saving that matters is training memory: the teacher's weights and activations leave every training process "
-        "(docs/distributed.md).",
+        "teacher here only moves the teacher's forward to the other core, and HTTP, JSON and the per-token parsing of "
+        "`prompt_logprobs` are overhead on top of it. On a GPU cluster the served teacher runs on its own GPUs (vLLM): "
+        "docs/distributed.md works the same arithmetic through at the paper's shapes.",
         "",
     ]
     return "\n".join(lines)
@@ -273,12 +320,19 @@ def main():
     if not servers or set(servers) - set(SERVERS):
         parser.error(f"--servers takes {', '.join(SERVERS)}, comma-separated; got {args.servers!r}")
     settings = settings_from_args(parser, args, QUICK if args.quick else Settings())
+    try:
+        counts = slice_counts(settings)
+    except ValueError:
+        parser.error(f"--slices takes whole numbers, comma-separated; got {settings.slices!r}")
+    if not counts or any(count < 1 or settings.batch % count for count in counts):
+        parser.error(f"--slices must divide --batch {settings.batch}; got {settings.slices!r}")
     env = start_cpu_run(settings, cpu_environment)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as work_dir:
         results, started = measure(settings, Path(work_dir), servers)
     result = {"quick": args.quick, "settings": asdict(settings), "environment": env, "servers": servers,
               "server_start_s": started, "results": results, "wall_time_s": time.perf_counter() - start}
+    result["checks"] = checks(result)
     if "vllm" in servers:
         result["vllm_version"] = _vllm_version()
     log(write_report(out_dir, NAME, result, markdown(result)))

@@ -2,7 +2,8 @@
 A served teacher (`teacher_server_url`) against real vLLM: `vllm serve` (its CPU build, tests/real_vllm.py) serves a
 teacher that shares the student's byte-level BPE tokenizer. The served path gives the in-process teacher's scores,
 loss and gradients; the start-up probe accepts what vLLM really writes and names the flag to change for real vLLM's
-own error bodies; a killed server stops training before the optimizer step and the run resumes. The stand-in server
+own error bodies; a generation batch trained in slices gets each slice's scores from two replicas as in process; a
+killed server stops training before the optimizer step and the run resumes. The stand-in server
 (tests/vllm_standin.py) is checked against the same server, request by request.
 """
 
@@ -13,7 +14,7 @@ import pytest
 import real_vllm
 import requests
 import torch
-from test_served_teacher import LOSS_METRICS, StopServerAt, generate, loss_and_grads
+from test_served_teacher import LOSS_METRICS, Recorded, StopServerAt, generate, loss_and_grads
 from test_served_teacher import trainer_for as served_trainer_for
 from test_vllm_standin import ERROR_CASES
 from transformers import AutoModelForCausalLM
@@ -214,6 +215,31 @@ def test_a_teacher_of_another_tokenizer_through_real_vllm(tmp_path, models, data
     assert torch.equal(slots, inputs_remote["teacher_topk_valid"] & aligned.unsqueeze(-1))
     assert torch.allclose(inputs_local["teacher_topk_logps"][slots], inputs_remote["teacher_topk_logps"][slots],
                           atol=LOGP_ATOL)
+
+
+def test_slices_scored_by_two_replicas_train_as_in_process(tmp_path, models, dataset, servers):
+    """The generation batch trained in 4 slices, its requests sent slice by slice to two real vLLM replicas: every
+    slice holds the rows, scores and targets of the in-process run's same slice, and the step ends at its weights."""
+    shape = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "steps_per_generation": 4,
+             "max_steps": 1, "guidance": "tgpo_topk"}
+    runs = {}
+    for name, url in (("local", None), ("remote", [servers["main"].url, servers["spare"].url])):
+        trainer = trainer_for(tmp_path / name, models, dataset, url, **shape)
+        recorded = Recorded(trainer)
+        trainer.train()
+        runs[name] = (recorded.slices, trainer.model.state_dict(), trainer.state.log_history)
+    (local, local_weights, _), (remote, remote_weights, logs) = runs["local"], runs["remote"]
+    assert len(local) == len(remote) == 4
+    for a, b in zip(local, remote, strict=True):
+        assert torch.equal(a["completion_ids"], b["completion_ids"])  # GRPO's slices, in GRPO's order
+        mask = a["completion_mask"].bool()
+        assert torch.equal(a["teacher_valid"][mask], b["teacher_valid"][mask])
+        assert torch.allclose(a["teacher_logps"][mask], b["teacher_logps"][mask], atol=LOGP_ATOL)
+        assert torch.equal(a["teacher_topk_ids"][mask], b["teacher_topk_ids"][mask])
+    for key, value in local_weights.items():
+        assert torch.allclose(value, remote_weights[key], rtol=1e-3, atol=1e-6), key
+    step = next(row for row in logs if "teacher/wait_time" in row)
+    assert 0 <= step["teacher/wait_time"] <= step["teacher/request_time"] + 0.05
 
 
 # ---------------------------------------------------------------------------------------------- a killed server

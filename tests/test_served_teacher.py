@@ -6,6 +6,7 @@ saved to disk, starts in a second, and can be made slow, flaky or broken on dema
 """
 
 import math
+import threading
 import time
 
 import pytest
@@ -332,11 +333,12 @@ def test_requests_are_spread_over_replicas_bounded_in_tokens_and_in_flight(model
         client = ServedTeacher([one.url, two.url], models["teacher"], len(tokenizer), request_tokens=20)
         spread = client.submit(prompt, torch.ones_like(prompt), completion, mask).result()
         batches = one.requests + two.requests
-    assert len(one.requests) == len(two.requests) == 3  # 6 requests of 2 rollouts (<= 20 tokens), round robin
+    assert len(batches) == 6 and one.requests and two.requests  # 6 requests of 2 rollouts (<= 20 tokens), both busy
     assert sum(len(request["prompt"]) for request in batches) == 12
     assert all(sum(map(len, request["prompt"])) <= 20 for request in batches)
     assert all(request["max_tokens"] == 1 and request["prompt_logprobs"] == 1 for request in batches)
     assert spread.valid[3, :2].all() and not spread.valid[3, 2:].any() and spread.valid[mask.bool()].all()
+    assert client._outstanding == [0, 0]  # every request's tokens released once answered
 
     with StandInServer(models["teacher"], delay_s=0.2) as slow:
         client = ServedTeacher([slow.url], models["teacher"], len(tokenizer), max_concurrent_requests=2,
@@ -344,6 +346,31 @@ def test_requests_are_spread_over_replicas_bounded_in_tokens_and_in_flight(model
         bounded = client.submit(prompt, torch.ones_like(prompt), completion, mask).result()
     assert len(slow.requests) == 6 and slow.max_in_flight == 2  # 6 requests, never more than 2 at once
     assert torch.equal(bounded.logps, spread.logps) and torch.equal(bounded.argmax, spread.argmax)
+
+
+def test_a_batch_is_split_over_the_replicas_and_a_slow_one_gets_less_of_it(models):
+    """Each request goes to the replica with the fewest tokens outstanding: beside a replica that takes 1 s per request,
+    a fast one answers the rest of the batch, where turns would give the slow one every other request (6 s of it)."""
+    tokenizer = models["tokenizer"]
+    torch.manual_seed(1)
+    prompt = torch.randint(5, len(tokenizer), (12, 4))
+    completion = torch.randint(5, len(tokenizer), (12, 6))
+    ones = torch.ones_like
+    with StandInServer(models["teacher"]) as one, StandInServer(models["teacher"]) as two:
+        whole = ServedTeacher([one.url, two.url], models["teacher"], len(tokenizer))
+        whole.submit(prompt, ones(prompt), completion, ones(completion)).result()
+    assert len(one.requests) == len(two.requests) == 1  # 120 tokens, below `request_tokens`: one request per replica
+    assert {len(one.requests[0]["prompt"]), len(two.requests[0]["prompt"])} == {6}
+
+    with StandInServer(models["teacher"], delay_s=1.0) as slow, StandInServer(models["teacher"]) as fast:
+        client = ServedTeacher([slow.url, fast.url], models["teacher"], len(tokenizer), max_concurrent_requests=2,
+                               request_tokens=10)  # one rollout per request: 12 requests, 2 at a time
+        start = time.perf_counter()
+        scores = client.submit(prompt, ones(prompt), completion, ones(completion)).result()
+        seconds = time.perf_counter() - start
+    assert len(slow.requests) + len(fast.requests) == 12
+    assert len(slow.requests) == 1 and seconds < 2.0  # only the first, sent while both were idle, went to it
+    assert scores.valid.all()
 
 
 def test_minus_9999_and_nan_are_skipped_and_counted(tmp_path, models, dataset):
@@ -367,3 +394,182 @@ def test_minus_9999_and_nan_are_skipped_and_counted(tmp_path, models, dataset):
     assert skipped == (mask & ~expected).sum().item() > 0
     assert torch.isfinite(inputs["teacher_logps"]).all()
 
+
+
+# ---------------------------------------------------------------------------------------------- scores per training slice
+
+
+class Recorded:
+    """The inputs `_prepare_inputs` hands to each micro-batch, as they were when handed over."""
+
+    def __init__(self, trainer):
+        self.slices, prepare = [], trainer._prepare_inputs
+
+        def recording(batch):
+            inputs = prepare(batch)
+            self.slices.append({key: value.clone() if isinstance(value, torch.Tensor) else value
+                                for key, value in inputs.items()})
+            return inputs
+
+        trainer._prepare_inputs = recording
+
+
+def sliced(tmp_path, models, dataset, server_url=None, slices=4, **overrides):
+    """A trainer whose generation batch (16 rollouts) is trained in `slices` slices of `16 / slices`."""
+    settings = {"max_steps": 1, **overrides}
+    return trainer_for(tmp_path, models, dataset, server_url, per_device_train_batch_size=16 // slices,
+                       gradient_accumulation_steps=slices, steps_per_generation=slices, **settings)
+
+
+def rows_of(inputs, row):
+    return [inputs[key][row:row + 1] for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")]
+
+
+@pytest.mark.parametrize("teacher", ["teacher", "bpe_teacher"])
+def test_every_slice_carries_the_scores_of_its_own_rows(tmp_path, models, dataset, teacher):
+    """Each row of each slice holds the scores the teacher gives its own prompt and completion scored alone: a row given
+    another rollout's scores would train on that rollout's targets."""
+    settings = {"guidance": "tgpo_topk", "teacher_model_name_or_path": models[teacher]}
+    if teacher == "bpe_teacher":
+        settings["cross_tokenizer_targets"] = "continuation"
+    template = {tuple(models["tokenizer"].apply_chat_template(row["prompt"], add_generation_prompt=True,
+                                                              tokenize=True, return_dict=False)): row["prompt"]
+                for row in dataset}
+    with StandInServer(models[teacher]) as server:
+        trainer = sliced(tmp_path, models, dataset, server.url, **settings)
+        recorded = Recorded(trainer)
+        trainer.train()
+        assert len(recorded.slices) == 4 and len(server.requests) == 1 + 4  # the probe, then one request per slice
+        rollouts, compared = set(), 0
+        for inputs in recorded.slices:
+            for row in range(inputs["completion_ids"].size(0)):
+                tensors = rows_of(inputs, row)
+                mask = tensors[3].bool()
+                prompt = template[tuple(tensors[0][tensors[1].bool()].tolist())]
+                alone = trainer.score_with_teacher(*tensors, prompts=[prompt])
+                aligned = mask & alone.aligned
+                compared += int(aligned.sum())
+                assert torch.equal(inputs["teacher_aligned"][row:row + 1][mask], alone.aligned[mask])
+                assert torch.equal(inputs["teacher_valid"][row:row + 1][mask], alone.valid[mask])
+                assert torch.allclose(inputs["teacher_logps"][row:row + 1][mask & alone.valid],
+                                      alone.logps[mask & alone.valid], atol=1e-5)
+                assert torch.equal(inputs["teacher_argmax"][row:row + 1][aligned], alone.argmax[aligned])
+                assert torch.equal(inputs["teacher_topk_ids"][row:row + 1][aligned], alone.topk_ids[aligned])
+                rollouts.add((tuple(tensors[0][0].tolist()), tuple(tensors[2][0][mask[0]].tolist())))
+    assert len(rollouts) == 16  # distinct rollouts, so a row given a neighbour's scores would be caught above
+    assert compared >= 16
+
+
+def test_slices_are_grpos_and_train_as_with_the_in_process_teacher(tmp_path, models, dataset, server):
+    """With the same seed, the served run's slices are the in-process run's (GRPO's own shuffle-and-split), with the same
+    scores, and the step ends at the same weights."""
+    runs = {}
+    for name, url in (("local", None), ("remote", server.url)):
+        trainer = sliced(tmp_path / name, models, dataset, url, guidance="tgpo")
+        recorded = Recorded(trainer)
+        trainer.train()
+        runs[name] = (recorded.slices, trainer.model.state_dict())
+    (local, local_weights), (remote, remote_weights) = runs["local"], runs["remote"]
+    assert len(local) == len(remote) == 4
+    for a, b in zip(local, remote, strict=True):
+        assert torch.equal(a["completion_ids"], b["completion_ids"]) and torch.equal(a["prompt_ids"], b["prompt_ids"])
+        mask = a["completion_mask"].bool()
+        assert torch.equal(a["teacher_argmax"][mask], b["teacher_argmax"][mask])
+        assert torch.allclose(a["teacher_logps"][mask], b["teacher_logps"][mask], atol=1e-4)
+    assert not torch.equal(local[0]["completion_ids"], local[1]["completion_ids"])
+    for key, value in local_weights.items():
+        assert torch.allclose(value, remote_weights[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_a_slice_waits_only_for_its_own_requests(tmp_path, models, dataset, server):
+    """The requests of slices 2 to 4 are held at the server until slice 1 has been trained: the step completes, so slice
+    1 never waited for them, and `teacher/wait_time` < `teacher/request_time`."""
+    first_slice_trained, released = threading.Event(), []
+
+    class FirstSlice(TrainerCallback):
+        def on_substep_end(self, args, state, control, **kwargs):
+            first_slice_trained.set()
+
+    trainer = sliced(tmp_path, models, dataset, server.url, callbacks=[FirstSlice()],
+                     teacher_server_max_concurrent_requests=1)  # one request at a time, in the order sent
+    answered = []
+
+    def hold(body):
+        if answered:  # every request after the first slice's
+            released.append(first_slice_trained.wait(timeout=10))
+        answered.append(time.perf_counter())
+
+    server.request_hook = hold
+    trainer.train()
+    assert released == [True, True, True]
+    logs = [entry for entry in trainer.state.log_history if "teacher/wait_time" in entry]
+    assert len(logs) == 1 and 0 <= logs[0]["teacher/wait_time"] < logs[0]["teacher/request_time"]
+    assert logs[0]["teacher/request_time"] >= answered[-1] - answered[0]
+
+
+class FailingGroup:
+    """The served teacher's `call`-th request (counted from 1 after the probe) fails as an unreachable server would."""
+
+    def __init__(self, trainer, call):
+        self.calls, self.call = 0, call
+        self._score_group = trainer.teacher_server._score_group
+        trainer.teacher_server._score_group = self
+
+    def __call__(self, rows, num_logprobs):
+        self.calls += 1
+        if self.calls == self.call:
+            raise TeacherServerError("The teacher server did not answer POST /v1/completions (injected).")
+        return self._score_group(rows, num_logprobs)
+
+
+@pytest.mark.parametrize("accumulation, failing", [(4, 3), (2, 4)])
+def test_a_slice_without_scores_drops_the_generation_batch(tmp_path, models, dataset, server, accumulation, failing):
+    """Slice `failing` of 4 cannot be scored: no optimizer step uses the batch (with 2 optimizer steps per batch, the
+    first waits for every slice), the earlier slices' gradients are dropped, and the error names the step."""
+    trainer = trainer_for(tmp_path, models, dataset, server.url, per_device_train_batch_size=4,
+                          gradient_accumulation_steps=accumulation, steps_per_generation=4, max_steps=2,
+                          teacher_server_max_concurrent_requests=1)
+    FailingGroup(trainer, failing)
+    trained = []
+    loss = trainer.compute_loss
+    trainer.compute_loss = lambda *args, **kwargs: trained.append(1) or loss(*args, **kwargs)
+    before = {key: value.clone() for key, value in trainer.model.state_dict().items()}
+    with pytest.raises(TeacherServerError, match=r"stopped at step 0 before the batch reached the optimizer"):
+        trainer.train()
+    assert len(trained) == min(failing, accumulation) - 1 > 0  # slices trained before the failure...
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(value, before[key]) for key, value in trainer.model.state_dict().items())
+    assert all(p.grad is None or not p.grad.any() for p in trainer.model.parameters())  # ...their gradients dropped
+    assert trainer._buffered_inputs is None  # the next `train()` generates a new batch
+
+
+def test_a_run_resumed_after_a_failed_slice_ends_where_an_uninterrupted_run_does(tmp_path, models, dataset, server):
+    def run(path, failing=None, resume=None):
+        trainer = trainer_for(path, models, dataset, server.url, per_device_train_batch_size=4,
+                              gradient_accumulation_steps=2, steps_per_generation=2, max_steps=3,
+                              save_strategy="steps", save_steps=1, teacher_server_max_concurrent_requests=1)
+        if failing:
+            FailingGroup(trainer, failing)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    uninterrupted = run(tmp_path / "a")
+    with pytest.raises(TeacherServerError, match=r"stopped at step 1 .*checkpoint-1"):
+        run(tmp_path / "b", failing=4)  # the second slice of step 2
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "b" / "out" / "checkpoint-1"))
+    assert resumed.state.global_step == 3
+    expected = uninterrupted.model.state_dict()
+    for key, value in resumed.model.state_dict().items():
+        assert torch.allclose(value, expected[key], atol=1e-6), key
+
+
+def test_several_iterations_reuse_the_slices_scores(tmp_path, models, dataset, server):
+    trainer = sliced(tmp_path, models, dataset, server.url, slices=2, num_iterations=2, max_steps=2)
+    recorded = Recorded(trainer)
+    sent = len(server.requests)
+    trainer.train()
+    assert len(server.requests) == sent + 2  # one request per slice, for both iterations
+    assert len(recorded.slices) == 4
+    for first, again in ((0, 2), (1, 3)):
+        for key in ("completion_ids", "teacher_logps", "teacher_argmax"):
+            assert torch.equal(recorded.slices[first][key], recorded.slices[again][key]), key

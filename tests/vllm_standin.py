@@ -32,8 +32,9 @@ showed, and the stand-in reproduces:
   refuses (a negative id) is type "Bad Request" with `param` the field's location and pydantic's long message (not
   reproduced here).
 
-Test hooks: `delay_s` (a slow server), `logprob_hook` (inject NaN or -inf), `fail_next` (transient 5xx), `stop`
-(a killed server), and the `requests` / `max_in_flight` records.
+Test hooks: `delay_s` (a slow server), `request_hook` (hold or inspect a request before it is answered), `logprob_hook`
+(inject NaN or -inf), `fail_next` (transient 5xx), `stop` (a killed server), and the `requests` / `max_in_flight`
+records.
 """
 
 import argparse
@@ -82,7 +83,7 @@ class StandInServer:
     """Serve `model_path` over HTTP like `vllm serve model_path` would; see the module docstring."""
 
     def __init__(self, model_path, *, served_model_name=None, max_model_len=None, max_logprobs=20, delay_s=0.0,
-                 host="127.0.0.1", port=0, logprob_hook=None):
+                 host="127.0.0.1", port=0, logprob_hook=None, request_hook=None):
         self.model_path = str(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
@@ -90,6 +91,7 @@ class StandInServer:
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
         self.max_logprobs, self.delay_s, self.logprob_hook = max_logprobs, delay_s, logprob_hook
+        self.request_hook = request_hook  # called with each completions request's body before it is answered
         self.host, self.port = host, port
         self.url = None
         self.requests: list[dict] = []
@@ -275,6 +277,8 @@ class StandInServer:
             return status, _error_body(status, "injected failure", err_type)
         if self.delay_s:
             time.sleep(self.delay_s)
+        if self.request_hook is not None:
+            self.request_hook(body)
         try:
             prompts, budgets, k = self._validate(body)
         except _RequestError as e:

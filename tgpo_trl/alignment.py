@@ -522,13 +522,14 @@ def merge_topk(ids: torch.Tensor, logps: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 class Mapped:
-    """A teacher's scores in flight (`pending.result()`), mapped to the student's positions and ids once collected."""
+    """A teacher's scores in flight (`pending.result()`, where the teacher runs), mapped to the student's positions and
+    ids once collected."""
 
     def __init__(self, pending, to_student):
-        self._pending, self._to_student = pending, to_student
+        self.pending, self._to_student = pending, to_student
 
     def result(self) -> TeacherScores:
-        return self._to_student(self._pending.result())
+        return self._to_student(self.pending.result())
 
 
 class SharedVocabulary:

@@ -112,10 +112,13 @@ class _Row:
 
 class ServedTeacher:
     """
-    A client of one or several vLLM replicas serving the teacher. Requests are spread over the replicas round robin,
-    sent from a pool of at most `max_concurrent_requests` threads per process, and each bounded by `timeout` seconds;
-    connection errors, timeouts and 5xx answers are retried `max_retries` times with exponential backoff (moving to
-    the next replica), 4xx answers fail at once with the server's message.
+    A client of one or several vLLM replicas serving the teacher. Each request goes to the replica with the fewest
+    tokens outstanding from this process (sent, not yet answered), so a slow replica gets less of the work instead of
+    holding up a turn; a batch is split into at least one request per replica, so that the replicas score it side by
+    side. Requests are sent from a pool of at most `max_concurrent_requests` threads per process, in the order they
+    were submitted, each bounded by `timeout` seconds; connection errors, timeouts and 5xx answers are retried
+    `max_retries` times with exponential backoff (each time on the least loaded of the other replicas), 4xx answers
+    fail at once with the server's message.
 
     `vocab_size`: the teacher ids that can be targets (those the student can emit, with a shared vocabulary); others
     are dropped from the top-k. `sample_top_k`: the top-k `tgpo_sample` draws from. `max_model_len` is read from the
@@ -134,7 +137,9 @@ class ServedTeacher:
         self.max_model_len = None
         self._pool = ThreadPoolExecutor(max_concurrent_requests, thread_name_prefix="tgpo-teacher")
         self._sessions = threading.local()  # one keep-alive session per worker thread
-        self._turn = itertools.count()
+        self._turn = itertools.count()  # breaks ties between equally loaded replicas
+        self._outstanding = [0] * len(self.urls)  # tokens sent to each replica and not yet answered
+        self._load_lock = threading.Lock()
 
     # ------------------------------------------------------------------ HTTP
 
@@ -144,35 +149,37 @@ class ServedTeacher:
             session = self._sessions.session = requests.Session()
         return session
 
-    def _request(self, method: str, path: str, payload: dict | None = None, replica: int | None = None) -> dict:
-        """One call with the retry policy: to the next replica in turn, each retry to the one after it; or, for the
-        probe, to `replica` alone."""
-        first = next(self._turn) if replica is None else replica
+    def _pick_replica(self, tokens: int, avoid: int | None) -> int:
+        """The replica with the fewest outstanding tokens (ties in turn), other than `avoid` where there is another;
+        `tokens` are counted on it until `_release`."""
+        with self._load_lock:
+            turn = next(self._turn)
+            count = len(self.urls)
+            candidates = [index for index in range(count) if index != avoid] or [avoid]
+            chosen = min(candidates, key=lambda index: (self._outstanding[index], (index - turn) % count))
+            self._outstanding[chosen] += tokens
+            return chosen
+
+    def _release(self, replica: int, tokens: int) -> None:
+        with self._load_lock:
+            self._outstanding[replica] -= tokens
+
+    def _request(self, method: str, path: str, payload: dict | None = None, replica: int | None = None,
+                 tokens: int = 0) -> dict:
+        """One call with the retry policy: to the least loaded replica (`tokens`: the request's size), each retry to
+        the least loaded of the others; or, for the probe, to `replica` alone."""
         failures = []
+        chosen = replica
         for attempt in range(self.max_retries + 1):
-            url = self.urls[(first + (attempt if replica is None else 0)) % len(self.urls)]
+            if replica is None:
+                chosen = self._pick_replica(tokens, avoid=chosen if attempt else None)
             try:
-                response = self._session().request(method, url + path, json=payload, timeout=self.timeout)
-            except requests.Timeout:
-                failures.append(f"{url}: no answer within {self.timeout:g} s (`teacher_server_timeout`)")
-            except requests.ConnectionError as error:
-                failures.append(f"{url}: cannot connect ({type(error).__name__})")
-            except requests.RequestException as error:  # e.g. a server killed while it was answering
-                failures.append(f"{url}: {type(error).__name__}: {error}")
-            else:
-                if response.status_code == 200:
-                    try:
-                        return response.json()
-                    except ValueError:
-                        failures.append(f"{url}: answered 200 with a body that is not JSON")
-                else:
-                    message = _error_message(response)
-                    if 400 <= response.status_code < 500:
-                        raise TeacherServerError(
-                            f"The teacher server at {url} refused the request ({response.status_code}): {message}."
-                            + _flag_hint(message), status=response.status_code,
-                        )
-                    failures.append(f"{url}: {response.status_code} {message}")
+                body = self._attempt(method, self.urls[chosen], path, payload, failures)
+            finally:
+                if replica is None:
+                    self._release(chosen, tokens)
+            if body is not None:
+                return body
             if attempt < self.max_retries:
                 time.sleep(min(RETRY_BACKOFF_S * 2**attempt, RETRY_BACKOFF_MAX_S))
         raise TeacherServerError(
@@ -180,6 +187,32 @@ class ServedTeacher:
             f"(`teacher_server_max_retries` = {self.max_retries}); last failure: {failures[-1]}. Check that "
             f"`vllm serve` is running at {', '.join(self.urls)}."
         )
+
+    def _attempt(self, method: str, url: str, path: str, payload: dict | None, failures: list[str]) -> dict | None:
+        """One try: the answer's JSON, or None with the failure appended to `failures` (a 4xx raises at once)."""
+        try:
+            response = self._session().request(method, url + path, json=payload, timeout=self.timeout)
+        except requests.Timeout:
+            failures.append(f"{url}: no answer within {self.timeout:g} s (`teacher_server_timeout`)")
+        except requests.ConnectionError as error:
+            failures.append(f"{url}: cannot connect ({type(error).__name__})")
+        except requests.RequestException as error:  # e.g. a server killed while it was answering
+            failures.append(f"{url}: {type(error).__name__}: {error}")
+        else:
+            if response.status_code == 200:
+                try:
+                    return response.json()
+                except ValueError:
+                    failures.append(f"{url}: answered 200 with a body that is not JSON")
+            else:
+                message = _error_message(response)
+                if 400 <= response.status_code < 500:
+                    raise TeacherServerError(
+                        f"The teacher server at {url} refused the request ({response.status_code}): {message}."
+                        + _flag_hint(message), status=response.status_code,
+                    )
+                failures.append(f"{url}: {response.status_code} {message}")
+        return None
 
     # ------------------------------------------------------------------ start-up probe
 
@@ -288,20 +321,24 @@ class ServedTeacher:
                     "`--max-model-len` at " + ", ".join(self.urls) + "."
                 )
             rows.append(_Row(index, ids, len(prompt), num))
+        # at least one request per replica (where there are rows enough), so that the replicas share the batch
+        limit = min(self.request_tokens, max(1, math.ceil(sum(len(row.ids) for row in rows) / len(self.urls))))
         groups, group, size = [], [], 0
         for row in rows:
-            if group and size + len(row.ids) > self.request_tokens:
+            if group and size + len(row.ids) > limit:
                 groups.append(group)
                 group, size = [], 0
             group.append(row)
             size += len(row.ids)
         if group:
             groups.append(group)
+        submitted = time.perf_counter()
         futures = [self._pool.submit(self._score_group, group, num_logprobs) for group in groups]
-        return PendingScores(futures, completion_ids, completion_mask, top_k, sample, num_logprobs)
+        return PendingScores(futures, completion_ids, completion_mask, top_k, sample, num_logprobs, submitted)
 
     def _score_group(self, rows: list[_Row], num_logprobs: int) -> list[tuple[_Row, dict]]:
-        body = self._request("POST", "/v1/completions", self._payload([row.ids for row in rows], num_logprobs))
+        body = self._request("POST", "/v1/completions", self._payload([row.ids for row in rows], num_logprobs),
+                             tokens=sum(len(row.ids) for row in rows))
         choices = sorted(body.get("choices", []), key=lambda choice: choice.get("index", 0))
         if len(choices) != len(rows):
             raise TeacherServerError(
@@ -402,21 +439,27 @@ def _parse_row(row: _Row, entries, num_logprobs: int, vocab_size: int) -> dict:
 class PendingScores:
     """The requests of one batch, in flight; `result()` waits for them and returns the `TeacherScores`."""
 
-    def __init__(self, futures: list[Future], completion_ids, completion_mask, top_k, sample, num_logprobs):
+    def __init__(self, futures: list[Future], completion_ids, completion_mask, top_k, sample, num_logprobs,
+                 submitted: float | None = None):
         self.futures = futures
         self.shape = tuple(completion_ids.shape)
         self.device = completion_ids.device
         self.completion_mask = completion_mask
         self.top_k, self.sample, self.num_logprobs = top_k, sample, num_logprobs
         # Seconds from submission until the last answer was in, and of those, how long `result()` waited (the rest was
-        # hidden behind the trainer's own work); set by `result()`
+        # hidden behind the trainer's own work); set by `result()`. `submitted`, `answered`: `time.perf_counter()`s.
         self.request_time = self.wait_time = None
-        self._submitted = self._answered = time.perf_counter()
+        self.submitted = self.answered = time.perf_counter() if submitted is None else submitted
         for future in futures:
             future.add_done_callback(self._note_answer)
 
     def _note_answer(self, future):
-        self._answered = max(self._answered, time.perf_counter())
+        self.answered = max(self.answered, time.perf_counter())
+
+    def cancel(self) -> None:
+        """Drop the requests not sent yet (those being answered finish, unread)."""
+        for future in self.futures:
+            future.cancel()
 
     def result(self) -> TeacherScores:
         waiting = time.perf_counter()
@@ -433,11 +476,10 @@ class PendingScores:
                     logps[row.index, :n], valid[row.index, :n] = parsed["logps"], parsed["valid"]
                     top_ids[row.index, :n], top_logps[row.index, :n] = parsed["top_ids"], parsed["top_logps"]
         except BaseException:
-            for future in self.futures:
-                future.cancel()
+            self.cancel()
             raise
         self.wait_time = time.perf_counter() - waiting
-        self.request_time = self._answered - self._submitted
+        self.request_time = self.answered - self.submitted
         mask = self.completion_mask.bool().cpu().numpy()
         top_valid = (top_ids >= 0) & mask[..., None]
         valid &= mask
@@ -459,3 +501,56 @@ class PendingScores:
             chosen = torch.from_numpy(top_ids).gather(-1, drawn.unsqueeze(-1)).squeeze(-1)
             scores["sample"] = torch.where(has_any, chosen, -1).to(self.device)
         return TeacherScores(**scores)
+
+
+class ScoresBySlice:
+    """
+    A generation batch's scores from the served teacher, requested slice by slice in the order the trainer will train
+    the slices, and collected one slice at a time: the trainer waits only for the slice it is about to train, and the
+    later slices are answered while the earlier ones run forward and backward.
+
+    `rows[j]`: the batch rows of slice `j`. `start(rows)`: sends those rows' requests and returns their scores in flight
+    (`alignment.Mapped` over this module's `PendingScores`). Slices before `first` are not trained from this batch (a
+    run resumed inside a generation batch) and are never requested.
+    """
+
+    def __init__(self, rows: list[torch.Tensor], start, first: int = 0):
+        self.rows = rows
+        self._in_flight = {index: start(rows[index]) for index in range(first, len(rows))}  # sent in this order
+        self._sent = list(self._in_flight.values())
+        self._waited = 0.0
+
+    @property
+    def uncollected(self) -> list[int]:
+        """The slices whose scores were requested and not collected yet."""
+        return list(self._in_flight)
+
+    def collect(self, index: int) -> TeacherScores | None:
+        """Slice `index`'s scores, waited for; None where they were collected before or never requested. A failure
+        cancels the requests of every slice not collected yet."""
+        in_flight = self._in_flight.pop(index, None)
+        if in_flight is None:
+            return None
+        try:
+            scores = in_flight.result()
+        except BaseException:
+            self.cancel()
+            raise
+        self._waited += in_flight.pending.wait_time
+        return scores
+
+    def cancel(self) -> None:
+        for in_flight in self._in_flight.values():
+            in_flight.pending.cancel()
+        self._in_flight.clear()
+
+    def take_wait_time(self) -> float:
+        """Seconds the trainer was blocked on this batch's answers since the last call."""
+        waited, self._waited = self._waited, 0.0
+        return waited
+
+    @property
+    def request_time(self) -> float:
+        """Seconds from sending the first slice's requests until the last answer was in."""
+        pending = [in_flight.pending for in_flight in self._sent]
+        return max(item.answered for item in pending) - min(item.submitted for item in pending) if pending else 0.0

@@ -20,13 +20,15 @@ from trl.trainer.utils import (
     get_trackio_space_url,
     is_async_callable,
     pad,
+    split_pixel_values_by_grid,
+    unsplit_pixel_values_by_grid,
 )
 
 from . import guidance as G
 from .config import TGPOConfig
 from .lm_head import StudentLogProbs
 from .model_card import TeacherSource, generate_tgpo_model_card
-from .served import ServedTeacher, TeacherServerError
+from .served import ScoresBySlice, ServedTeacher, TeacherServerError
 from .teacher import (
     Deferred,
     find_teacher_processor,
@@ -82,6 +84,19 @@ def _dataset_images(dataset) -> str | None:
         return next(filter(None, map(_dataset_images, dataset.values())), None)
     columns = getattr(dataset, "column_names", None)
     return next((name for name in ("images", "image") if columns and name in columns), None)
+
+
+def _take_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The rows `rows` of a generation batch, every per-row entry in that order: GRPO's shuffle-and-split
+    (`shuffle_sequence_dict`, `split_tensor_dict`) as one slice's share of a permutation drawn beforehand."""
+    def take(value):
+        if value is None or isinstance(value, torch.Tensor) and value.ndim == 0:
+            return value
+        if isinstance(value, torch.Tensor):
+            return value[rows.to(value.device)]
+        return [value[index] for index in rows.tolist()]
+
+    return {key: take(value) for key, value in batch.items()}
 
 
 def _teacher_request(guidance: str, top_k: int) -> dict[str, Any]:
@@ -292,6 +307,10 @@ class TGPOTrainer(GRPOTrainer):
         self.teacher_source = None
         self._alignment_logged = False  # the first batch's alignment rate is logged once, across tokenizers
         self._teacher_in_flight = None  # a served teacher's scores of the batch being generated, requested in `_generate`
+        self._defer_teacher = False  # whether the batch being generated is scored per training slice (`_prepare_inputs`)
+        self._teacher_slices = None  # the buffered generation batch's served scores, by slice (`ScoresBySlice`)
+        self._skipped_counts = None  # its `guidance/skipped_tokens` counts so far, over the slices collected
+        self._teacher_wait = 0.0  # seconds blocked on a served teacher in this optimizer step
         self._teacher_inputs = None  # the examples of the batch being generated (a teacher of another tokenizer reads them)
         self._image_refusal = None  # why the teacher cannot see a batch's images (None: it can, or there is no teacher)
         self._images_withheld_logged = False  # `teacher_without_images` is logged once, at the first batch with images
@@ -450,8 +469,28 @@ class TGPOTrainer(GRPOTrainer):
 
             tensors = (*padded(prompt_ids, "left"), *padded(completion_ids, "right"))
             prompts = self._prompts_for_teacher(self._teacher_inputs) if self.teacher_scoring.cross_tokenizer else None
-            self._teacher_in_flight = (self.start_teacher_scoring(*tensors, prompts=prompts), tensors[2])
+            self._teacher_in_flight = (self._start_served_scoring(tensors, prompts), tensors[2])
         return generated
+
+    def _start_served_scoring(self, tensors, prompts):
+        """Send a generation batch to the served teacher: whole, or (`_defer_teacher`) slice by slice in the order the
+        slices will train. The slices are GRPO's: the batch's rows shuffled by a permutation drawn here, where GRPO's
+        `shuffle_sequence_dict` draws its own after scoring (one draw per batch either way), then split into
+        `steps_per_generation` equal parts (the rows past the last full part are never trained, as in GRPO)."""
+        if not self._defer_teacher:
+            return self.start_teacher_scoring(*tensors, prompts=prompts)
+        count, parts = tensors[0].size(0), self.args.steps_per_generation
+        size = count // parts
+        order = torch.randperm(count)
+        rows = [order[index * size:(index + 1) * size] for index in range(parts)]
+
+        def start(slice_rows):
+            taken = [tensor[slice_rows.to(tensor.device)] for tensor in tensors]
+            return self.start_teacher_scoring(
+                *taken, prompts=None if prompts is None else [prompts[row] for row in slice_rows.tolist()]
+            )
+
+        return ScoresBySlice(rows, start, first=self._step % parts)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         self._teacher_in_flight, self._teacher_inputs = None, inputs
@@ -468,42 +507,117 @@ class TGPOTrainer(GRPOTrainer):
             # an in-process teacher, or a served one whose requests `_generate` did not send (a subclass or test that
             # supplies the rollouts): score the batch now
             prompts = self._prompts_for_teacher(inputs) if self.teacher_scoring.cross_tokenizer else None
-            in_flight = (self.start_teacher_scoring(
-                output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"],
-                prompts=prompts, image_inputs=image_inputs,
-            ), None)
-        scores = self._collect_teacher_scores(in_flight[0])
+            tensors = (output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"])
+            if self.teacher_server is not None:
+                in_flight = (self._start_served_scoring(tensors, prompts), None)
+            else:
+                in_flight = (self.start_teacher_scoring(*tensors, prompts=prompts, image_inputs=image_inputs), None)
+        if self.guidance != "opd" and not self.args.use_task_reward:
+            output["advantages"] = torch.zeros_like(output["advantages"])
+        if self._defer_teacher:  # the scores join each slice as `_prepare_inputs` hands it to training
+            self._teacher_slices, self._skipped_counts = in_flight[0], None
+            return output
+        try:
+            scores = in_flight[0].result()
+        except TeacherServerError as error:
+            raise self._teacher_stopped(error) from error
+        if self.teacher_server is not None:
+            self._metrics[mode]["teacher/wait_time"].append(in_flight[0].pending.wait_time)
+            self._metrics[mode]["teacher/request_time"].append(in_flight[0].pending.request_time)
+        self._report_skipped(self._attach_teacher_scores(output, scores, mode), mode)
+        return output
+
+    def _attach_teacher_scores(self, output: dict[str, Any], scores, mode: str) -> torch.Tensor:
+        """Put the teacher's scores of `output`'s rows (a generation batch, or one slice of it) into it, with what
+        depends on them (`opd`'s off-policy advantage); returns its `(skipped, total)` token counts, unreduced."""
         # rows GRPO masked after generation (`mask_truncated_completions`) have no teacher score either
         scored = output["completion_mask"].bool()
         scores.valid, scores.aligned = scores.valid & scored, scores.aligned & scored
-        self._check_teacher_output(self._usable_scores(scores), self._loss_mask(output), mode)
+        mask = self._loss_mask(output).bool()
+        counts = torch.stack([(mask & ~self._usable_scores(scores)).sum(), mask.sum()]).float()
         if self.teacher_scoring.cross_tokenizer and not self._alignment_logged:
             self._alignment_logged = True
-            rate = self._global_token_mean(scores.aligned.float(), self._loss_mask(output).bool())
+            rate = self._global_token_mean(scores.aligned.float(), mask)
             logger.warning(f"Cross-tokenizer scoring: {rate:.1%} of the first batch's completion tokens are aligned.")
         output.update(scores.as_dict())
+        # off policy only: on policy, `log p_old` is the loss forward's own `log p_s` (`_AdvantagesFromLossForward`)
+        if self.guidance == "opd" and output.get("old_per_token_logps") is not None:
+            output["advantages"] = self._opd_advantages(output, output["old_per_token_logps"])
+        return counts
 
-        if self.guidance == "opd":
-            # off policy only: on policy, `log p_old` is the loss forward's own `log p_s` (`_AdvantagesFromLossForward`)
-            if output.get("old_per_token_logps") is not None:
-                output["advantages"] = self._opd_advantages(output, output["old_per_token_logps"])
-        elif not self.args.use_task_reward:
-            output["advantages"] = torch.zeros_like(output["advantages"])
-        return output
+    def _teacher_stopped(self, error: TeacherServerError) -> TeacherServerError:
+        """A served teacher could not score a batch: the run stops before the batch reaches the optimizer, with
+        where to resume from."""
+        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        where = f"the last checkpoint is {last}" if last else "no checkpoint was saved yet (see `save_steps`)"
+        return TeacherServerError(
+            f"{error} The teacher's scores for this batch are missing, so training stopped at step "
+            f"{self.state.global_step} before the batch reached the optimizer; {where}. Once the server answers, "
+            "resume with `trainer.train(resume_from_checkpoint=True)` (`--resume_from_checkpoint true`)."
+        )
 
-    def _collect_teacher_scores(self, in_flight):
-        """The batch's teacher scores; a served teacher that could not score it stops the run here, before the batch
-        reaches the optimizer, with where to resume from."""
+    # Per training slice (True), or the whole generation batch when it is generated (False: how a served teacher was
+    # collected before; `benchmarks/served_teacher.py` compares the two)
+    _collect_by_slice = True
+
+    def _prepare_inputs(self, generation_batch):
+        """
+        GRPO's generation-batch buffer, with a served teacher's scores collected per training slice: the batch's
+        requests go out slice by slice in the order the slices will train (`_start_served_scoring`), and each slice
+        waits only for its own. The micro-batch that ends an accumulation window waits for every slice first: no
+        optimizer step (under DeepSpeed, taken inside that micro-batch's backward) may use a generation batch the
+        teacher has not scored in full. Evaluation and an in-process teacher go through GRPO's path unchanged.
+        """
+        if not self.model.training or self.teacher_server is None:
+            return super()._prepare_inputs(generation_batch)
+        parts = self.args.steps_per_generation
+        if self._step % (parts * self.num_iterations) == 0 or self._buffered_inputs is None:
+            self._defer_teacher = True
+            try:
+                batch = self._generate_and_score_completions(generation_batch)
+            finally:
+                self._defer_teacher = False
+            batch = split_pixel_values_by_grid(batch)
+            self._buffered_inputs = [unsplit_pixel_values_by_grid(_take_rows(batch, rows))
+                                     for rows in self._teacher_slices.rows]
+        index = self._step % parts
+        waited = self._teacher_slices.uncollected
+        if self._collect_by_slice and not self.accelerator.sync_gradients:
+            waited = [index] if index in waited else []
+        for part in sorted(waited, key=lambda part: part != index):  # this slice's first
+            self._attach_slice(part)
+        return self._buffered_inputs[index]
+
+    def _attach_slice(self, index: int) -> None:
+        """Collect slice `index`'s scores into its buffered inputs. A failure, at any slice, drops the generation
+        batch and the gradients of its slices trained so far, so no optimizer step uses it."""
+        slices = self._teacher_slices
         try:
-            return in_flight.result()
-        except TeacherServerError as error:
-            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-            where = f"the last checkpoint is {last}" if last else "no checkpoint was saved yet (see `save_steps`)"
-            raise TeacherServerError(
-                f"{error} The teacher's scores for this batch are missing, so training stopped at step "
-                f"{self.state.global_step} before the batch reached the optimizer; {where}. Once the server answers, "
-                "resume with `trainer.train(resume_from_checkpoint=True)` (`--resume_from_checkpoint true`)."
-            ) from error
+            scores = slices.collect(index)
+            if scores is None:
+                return
+            counts = self._attach_teacher_scores(self._buffered_inputs[index], scores, "train")
+            self._skipped_counts = counts if self._skipped_counts is None else self._skipped_counts + counts
+            self._teacher_wait += slices.take_wait_time()
+            if not slices.uncollected:
+                self._metrics["train"]["teacher/request_time"].append(slices.request_time)
+                self._report_skipped(self._skipped_counts, "train")
+        except BaseException as error:
+            slices.cancel()
+            self._buffered_inputs = None
+            for model in {id(self.model): self.model, id(self.model_wrapped): self.model_wrapped}.values():
+                model.zero_grad()
+            if isinstance(error, TeacherServerError):
+                raise self._teacher_stopped(error) from error
+            raise
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # as GRPO's `step_time`: one value per optimizer step
+        if self.teacher_server is not None and self._step % self.current_gradient_accumulation_steps == 0:
+            self._metrics["train"]["teacher/wait_time"].append(self._teacher_wait)
+            self._teacher_wait = 0.0
+        return loss
 
     @staticmethod
     def _prompts_for_teacher(inputs: list[dict[str, Any]]) -> list:
@@ -593,14 +707,14 @@ class TGPOTrainer(GRPOTrainer):
             return scores.aligned
         return scores.valid | scores.aligned if self.guidance == "none" else scores.valid
 
-    def _check_teacher_output(self, usable: torch.Tensor, mask: torch.Tensor, mode: str) -> None:
+    def _report_skipped(self, counts: torch.Tensor, mode: str) -> None:
         """
-        Tokens where the teacher gave nothing usable (`usable`, see `_usable_scores`: a non-finite output, a sampled token of probability 0
-        for the modes that read `log p_T(y_t)`, or across tokenizers no target) are left out of the guidance and
-        counted in `guidance/skipped_tokens`; a teacher with no usable output on a whole generation batch is broken,
-        and stops the run before it trains on nothing but noise.
+        Tokens where the teacher gave nothing usable (see `_usable_scores`: a non-finite output, a sampled token of
+        probability 0 for the modes that read `log p_T(y_t)`, or across tokenizers no target) are left out of the
+        guidance and counted in `guidance/skipped_tokens` (`counts`: this process's skipped and total tokens of a
+        generation batch); a teacher with no usable output on a whole generation batch is broken, and stops the run
+        before it trains on nothing but noise.
         """
-        counts = torch.stack([(mask.bool() & ~usable).sum(), mask.sum()]).float()
         skipped, total = self.accelerator.reduce(counts, reduction="sum").tolist()
         self._metrics[mode]["guidance/skipped_tokens"].append(skipped)
         if total > 0 and skipped == total:
