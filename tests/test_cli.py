@@ -1,7 +1,8 @@
-"""scripts/train.py: `--help`, the demo end to end at the reduced size, a user's local dataset with LoRA, the push to
-the Hub, and the one-line errors for bad input, raised before any model is loaded."""
+"""`tgpo train` (tgpo_trl/scripts/train.py, behind the `tgpo` command and the `scripts/train.py` wrapper): `--help`, the
+demo end to end at the reduced size, a user's local dataset with LoRA, the push to the Hub, the one-line errors for bad
+input, raised before any model is loaded (and, under `tgpo`, before accelerate starts a process), and how `tgpo` hands
+accelerate's launch options to `accelerate launch`."""
 
-import conftest
 import json
 import os
 import subprocess
@@ -14,13 +15,17 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest  # noqa: E402
 from datasets import Dataset, DatasetDict  # noqa: E402
 
+import tgpo_trl.cli
 from tgpo_trl import CHECKPOINTING_FIELD  # noqa: E402
 from tgpo_trl.demo import run as demo_run  # noqa: E402
 from tgpo_trl.demo.build import build_demo_models  # noqa: E402
+from tgpo_trl.scripts import PROG_VARIABLE
+from tgpo_trl.scripts import train as train_script
 
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "train.py"
+SCRIPT = ROOT / "scripts" / "train.py"  # the wrapper a checkout runs
+TGPO = [sys.executable, "-m", "tgpo_trl.cli"]  # the `tgpo` console command, without an installed entry point
 # Subprocesses: one thread each (two cores are shared), offline, the same demo cache as this process
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
 SMALL_RUN = ["--max_steps", "1", "--per_device_train_batch_size", "8", "--num_generations", "4",
@@ -30,7 +35,7 @@ SMALL_RUN = ["--max_steps", "1", "--per_device_train_batch_size", "8", "--num_ge
 
 @pytest.fixture(scope="module")
 def script():
-    return conftest.load_script(SCRIPT)
+    return train_script
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +44,14 @@ def quick_models():
     return build_demo_models(size="quick", progress=False)
 
 
-def run_script(*args, cwd=ROOT, timeout=600):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+def run_script(*args, cwd=ROOT, timeout=600, command=(sys.executable, str(SCRIPT))):
+    return subprocess.run([*command, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
-def test_help_documents_every_option_family():
-    result = run_script("--help")
+@pytest.mark.parametrize("command", [(sys.executable, str(SCRIPT)), (*TGPO, "train")], ids=["script", "tgpo"])
+def test_help_documents_every_option_family(command):
+    result = run_script("--help", command=command)
     assert result.returncode == 0, result.stderr
     for flag in ("--teacher_model_name_or_path", "--guidance", "--guidance_coef", "--guidance_decay_steps",  # TGPO
                  "--num_generations", "--use_vllm", "--loss_type",  # GRPO
@@ -54,6 +60,18 @@ def test_help_documents_every_option_family():
                  "--reward_funcs", "--demo_size", "--config"):
         assert flag in result.stdout, flag
     assert "exact_match, format, accuracy" in " ".join(result.stdout.split())  # the reward registry
+    launched = command[-1] == "train"  # under `tgpo`, the usage names it and the help says where launch options go
+    assert result.stdout.startswith("usage: tgpo train" if launched else "usage: train.py")
+    assert ("--num_processes" in result.stdout and "--accelerate_config" in result.stdout) is launched
+
+
+def test_tgpo_lists_its_commands(capsys):
+    assert tgpo_trl.cli.main([]) == 0  # no command: the list of commands
+    listed = capsys.readouterr().out
+    assert listed.startswith("usage: tgpo") and "train" in listed and "gap-report" in listed
+    with pytest.raises(SystemExit) as exit_info:
+        tgpo_trl.cli.main(["evaluate"])
+    assert exit_info.value.code == 2 and "invalid choice: 'evaluate'" in capsys.readouterr().err
 
 
 def test_demo_end_to_end_at_the_reduced_size(quick_models, tmp_path):
@@ -202,3 +220,75 @@ def test_bad_input_stops_with_one_line(script, local_dataset, tmp_path, no_model
     assert "--model_name_or_path" in error_line(script, base[2:])
     assert "--teacher_model_name_or_path" in error_line(script, ["--model_name_or_path", "student", *base[4:]])
     assert "my_dataset" in error_line(script, [*base, "--dataset_train_split", "validation"])
+
+
+# ---------------------------------------------------------------------------------------------- `tgpo` and accelerate
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """What `tgpo` hands to `accelerate launch` (the parsed launch arguments), instead of launching."""
+    calls = []
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", calls.append)
+    monkeypatch.setenv(PROG_VARIABLE, "")  # `tgpo` sets it; unset again after the test
+    return calls
+
+
+def test_tgpo_passes_launch_options_to_accelerate_and_fields_to_the_script(launched, tmp_path):
+    import trl
+
+    fields = ["--demo_size", "quick", "--max_steps", "3", "--guidance", "none"]
+    assert tgpo_trl.cli.main(["train", "--num_processes", "2", *fields[:2], "--main_process_port", "29512",
+                              *fields[2:]]) == 0
+    [args] = launched
+    script = Path(args.training_script)
+    assert script.is_file() and script == Path(train_script.__file__)  # the package's script, not the checkout's
+    assert args.training_script_args == fields  # in the order given, the launch options taken out
+    assert (args.num_processes, args.main_process_port) == (2, 29512)
+    assert os.environ[PROG_VARIABLE] == "tgpo train"  # the launched processes' errors name the command
+
+    # --accelerate_config: a file, or a config TRL ships (resolved by TRL, as `trl grpo` resolves it)
+    recipe = ROOT / "recipes" / "accelerate" / "ddp_cpu_2proc.yaml"
+    tgpo_trl.cli.main(["train", "--accelerate_config", str(recipe), "--demo_size", "quick"])
+    tgpo_trl.cli.main(["train", "--accelerate_config", "zero3", "--demo_size", "quick"])
+    assert launched[1].config_file == str(recipe) and launched[1].training_script_args == ["--demo_size", "quick"]
+    assert Path(launched[2].config_file) == Path(trl.__file__).parent / "accelerate_configs" / "zero3.yaml"
+
+    # no arguments: the demo, with nothing for accelerate
+    tgpo_trl.cli.main(["train"])
+    assert launched[3].training_script_args == [] and launched[3].num_processes is None
+
+
+def test_tgpo_stops_bad_input_before_launching(launched, tmp_path, capsys):
+    """What can be told from the arguments alone stops `tgpo` before accelerate starts a process: a flag that is neither
+    a field nor a launch option, a config key that is no field, a bad choice or type, a missing file."""
+    def error(*argv) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            tgpo_trl.cli.main(["train", *argv])
+        message = exit_info.value.code
+        if message == 2:  # argparse's own error: usage, then the error line
+            message = capsys.readouterr().err.strip().splitlines()[-1]
+        assert isinstance(message, str) and "\n" not in message and message.startswith("tgpo train: error: ")
+        return message
+
+    assert "--max_stepz" in error("--demo_size", "quick", "--max_stepz", "5")  # neither a field nor a launch option
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text("use_cpu: true\nguidance_lambda: 0.1\nnum_processes: 2\n")
+    message = error("--config", str(renamed))
+    assert "guidance_lambda" in message and "num_processes" in message and "command line" in message
+    assert "missing.yaml" in error("--config", str(tmp_path / "missing.yaml"))
+    assert "--guidance" in error("--guidance", "tgpx") and "invalid choice" in error("--guidance", "tgpx")
+    assert "--max_steps" in error("--max_steps", "ten")
+    assert "no_such_config" in error("--demo_size", "quick", "--accelerate_config", "no_such_config")
+    assert launched == []
+
+
+def test_an_error_in_the_launched_process_names_the_command(quick_models, local_dataset, tmp_path):
+    """The dataset is read, and the fields' values checked, in the launched process: its error names `tgpo train`, in
+    one line, with no traceback."""
+    result = run_script("--model_name_or_path", str(quick_models.student_small_gap), "--teacher_model_name_or_path",
+                        str(quick_models.teacher), "--dataset_name", str(local_dataset), "--dataset_prompt_column",
+                        "question", "--dataset_answer_column", "solution", "--use_cpu", "true", "--output_dir", str(tmp_path / "out"), command=(*TGPO, "train"))
+    assert result.returncode == 1
+    assert "tgpo train: error: " in result.stderr and "no column 'solution'" in result.stderr
+    assert "Traceback" not in result.stderr

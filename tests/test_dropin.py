@@ -17,7 +17,7 @@ from tgpo_trl.demo.tokenizer import CHAT_TEMPLATE, CHARACTERS, ROLE_TOKENS, buil
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from conftest import config_settings, length_reward, load_script, make_config, make_trainer, train_logs
+from conftest import config_settings, length_reward, make_config, make_trainer, train_logs
 
 
 def _tokenizer_without_unk(tokenizer):
@@ -286,7 +286,8 @@ def test_old_checkpointing_name_is_still_honoured():
                          ids=["demo", "paper-recipe", "lora-recipe"])
 def test_demo_and_recipes_parse_without_deprecation_warnings(argv, monkeypatch):
     monkeypatch.chdir(ROOT)
-    script = load_script(ROOT / "scripts" / "train.py")
+    from tgpo_trl.scripts import train as script
+
     (_, args, _), found = _deprecations(lambda: script.parse_args([*argv, "--use_cpu", "true"]))
     assert found == []
     assert args.gradient_checkpointing is bool(argv)  # the demo turns checkpointing off, the recipes keep GRPO's default

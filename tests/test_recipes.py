@@ -1,15 +1,15 @@
-"""Every recipe goes through the real parser of scripts/train.py: a renamed or removed field fails here."""
+"""Every recipe goes through the real parser of `tgpo train` (tgpo_trl/scripts/train.py): a renamed or removed field
+fails here."""
 
-import conftest
 import os
 from pathlib import Path
 
-
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import pytest  # noqa: E402
-import yaml  # noqa: E402
+import pytest
+import yaml
 
+from tgpo_trl.scripts import train as train_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -17,13 +17,9 @@ PAPER = ROOT / "recipes" / "qwen2.5-math-1.5b_tgpo.yaml"
 PAPER_GPUS = 8  # recipes/accelerate/zero3.yaml
 
 
-def load_script():
-    return conftest.load_script(ROOT / "scripts" / "train.py")
-
-
 @pytest.fixture(scope="module")
 def script():
-    return load_script()
+    return train_script
 
 
 def parse(script, recipe, *flags):

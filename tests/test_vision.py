@@ -10,12 +10,13 @@ import math
 import pytest
 import torch
 import vlm_models as V
-from conftest import config_settings, length_reward, load_script, train_logs
+from conftest import config_settings, length_reward, train_logs
 from datasets import Dataset
 from transformers import AutoTokenizer
 from transformers.testing_utils import CaptureLogger
 from vllm_standin import StandInServer
 
+import tgpo_trl.gap_report as R
 import tgpo_trl.trainer as trainer_module
 from tgpo_trl import TGPOConfig, TGPOTrainer
 from tgpo_trl.demo.models import tiny_llama
@@ -230,15 +231,8 @@ def test_images_met_at_a_batch_are_refused_there(tmp_path, models):
 # ---------------------------------------------------------------------------------------------- the gap report
 
 
-@pytest.fixture(scope="module")
-def gap_script():
-    from pathlib import Path
-
-    return load_script(Path(__file__).resolve().parents[1] / "scripts" / "gap_report.py", "gap_report_vision")
-
-
 @pytest.mark.parametrize("family", V.FAMILIES)
-def test_the_gap_report_on_image_prompts(tmp_path, models, gap_script, family):
+def test_the_gap_report_on_image_prompts(tmp_path, models, family):
     """The twin on image prompts: no token gap (student statistics and teacher scores both with the images), and from
     every prefix it writes exactly the student's continuation (both generate with the images)."""
     def report_for(teacher_without_images):
@@ -246,23 +240,20 @@ def test_the_gap_report_on_image_prompts(tmp_path, models, gap_script, family):
                               teacher_without_images=teacher_without_images, guidance="tgpo",
                               per_device_eval_batch_size=4)
         finished = []
-        finish = gap_script.Measurement.finish
+        finish = R.Measurement.finish
 
         def recording(self, role, *args, **kwargs):
             result = finish(self, role, *args, **kwargs)
             finished.append((role, result[1]))
             return result
 
-        args = gap_script.GapReportArguments(gap_num_prompts=4, gap_prompts_per_batch=2, gap_prefix_fractions=[0.5])
-        gap_script.Measurement.finish = recording
+        options = R.GapReportOptions(gap_num_prompts=4, gap_prompts_per_batch=2, gap_prefix_fractions=[0.5])
+        R.Measurement.finish = recording
         try:
-            trainer.model.eval()
-            rows, real = gap_script.shard(V.image_dataset(4), 1, 0, args.gap_prompts_per_batch)
-            measurement = gap_script.Measurement(trainer, args)
-            measurement.run(rows, real, progress=False)
+            report = R.measure_gap(trainer, V.image_dataset(4), options)
         finally:
-            gap_script.Measurement.finish = finish
-        return gap_script.assemble([measurement.state()], trainer, args, 0.0), finished
+            R.Measurement.finish = finish
+        return report, finished
 
     report, finished = report_for(False)
     assert abs(report["reverse_kl"]) < 1e-5 and report["guidance_loss"] > 0

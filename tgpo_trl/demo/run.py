@@ -1,4 +1,5 @@
-"""The offline demo that `scripts/train.py` runs with no arguments.
+"""The offline demo that `tgpo train` (`tgpo_trl/scripts/train.py`, `scripts/train.py` in a checkout) runs with no
+arguments.
 
 It builds (or reuses from the cache) the demo's teacher and students (`build.py`), measures the student's held-out
 greedy accuracy, trains it with TGPO on the synthetic task (`task.py`), measures it again, and writes the model, its
