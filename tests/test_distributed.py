@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -51,13 +52,20 @@ def run_worker(models: Path, out: Path, scenarios: list[str], recipe: str | None
     else:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / recipe)]
         command = [*launch, "--main_process_port", str(free_port()), *command]
-    # The environment (HF_HUB_OFFLINE=1 from conftest among it) is inherited by the launcher and every rank
-    result = subprocess.run(
-        command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, capture_output=True, text=True,
-        timeout=420,
-        check=False,
+    # The environment (HF_HUB_OFFLINE=1 from conftest among it) is inherited by the launcher and every rank. The
+    # launcher leads a process group of its own, so that ranks stuck past the timeout (a collective one rank never
+    # joins) are killed with it, not left running beside the rest of the suite.
+    process = subprocess.Popen(
+        command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    try:
+        stdout, stderr = process.communicate(timeout=420)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{' '.join(command)} did not finish in 420 s:\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    assert process.returncode == 0, f"{' '.join(command)} failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
     return {
         name: [json.loads(path.read_text()) for path in sorted((out / name).glob("rank*.json"))] for name in scenarios
     }
@@ -66,7 +74,8 @@ def run_worker(models: Path, out: Path, scenarios: list[str], recipe: str | None
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """
-    A tiny student and a larger teacher with a padded embedding, saved with the tokenizer, loaded by path; and
+    A tiny student and a larger teacher with a padded embedding, saved with the tokenizer, loaded by path;
+    `teacher_shifted/`, that teacher with its output rows shifted by one id (a second teacher for routing); and
     `teacher_bpe/`, a Llama teacher with a byte-level BPE of its own that merges digits and separators (as
     tests/test_cross_tokenizer.py builds it), saved with that tokenizer.
     """
@@ -74,7 +83,10 @@ def models(tmp_path_factory):
     tokenizer = build_char_tokenizer()
     student = tiny_qwen2(tokenizer, hidden_size=32, num_layers=2, seed=0)
     teacher = tiny_qwen2(tokenizer, hidden_size=48, num_layers=2, seed=1, vocab_size=len(tokenizer) + 7)
-    for name, model in (("student", student), ("teacher", teacher)):
+    shifted = tiny_qwen2(tokenizer, hidden_size=48, num_layers=2, seed=1, vocab_size=len(tokenizer) + 7)
+    with torch.no_grad():  # `teacher` with its output rows shifted by one id: it disagrees with it at every token
+        shifted.lm_head.weight.copy_(torch.roll(teacher.lm_head.weight, shifts=-1, dims=0))
+    for name, model in (("student", student), ("teacher", teacher), ("teacher_shifted", shifted)):
         model.save_pretrained(directory / name)
         tokenizer.save_pretrained(directory / name)
     bpe = build_byte_level_tokenizer(cross_tokenizer_corpus(), vocab_size=400)
@@ -95,7 +107,7 @@ def served_run(models: Path, out: Path, scenarios: list[str], recipe: str | None
 @pytest.fixture(scope="module")
 def single(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    reports, requests = served_run(models, out, ["step", "served_step"])
+    reports, requests = served_run(models, out, ["step", "served_step", "routed_step"])
     return out, reports, requests
 
 
@@ -103,14 +115,15 @@ def single(models, tmp_path_factory):
 def zero3(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")
     # cross_resume and vlm_twin last: they run after the other scenarios have written their reports
-    return out, run_worker(models, out, ["step", "resume", "lora", "cross_resume", "vlm_twin"],
+    return out, run_worker(models, out, ["step", "resume", "lora", "routed_step", "cross_resume", "vlm_twin"],
                            recipe="zero3_cpu_2proc.yaml")
 
 
 @pytest.fixture(scope="module")
 def ddp(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    reports, requests = served_run(models, out, ["step", "resume", "served_step"], recipe="ddp_cpu_2proc.yaml")
+    reports, requests = served_run(models, out, ["step", "resume", "served_step", "routed_step"],
+                                   recipe="ddp_cpu_2proc.yaml")
     return out, reports, requests
 
 
@@ -313,3 +326,31 @@ def test_ddp_served_teacher_step_equals_one_process(ddp, single, models):
 
     assert scored_rows(single_requests) == [8]
     assert scored_rows(requests) == [4, 4]
+
+
+# ---------------------------------------------------------------------------------------------- several teachers
+
+ROUTED = tuple(f"{metric}/{name}" for name in ("a", "b") for metric in (
+    "guidance/loss", "gap/reverse_kl", "gap/mismatch_ratio", "gap/aligned_ratio", "teacher/token_share"))
+
+
+@pytest.mark.parametrize("launch", ["ddp", "zero3"])
+def test_routed_teachers_across_ranks_equal_one_process(launch, request, single, models):
+    """Two teachers routed by row, the ranks holding different mixes of them (rank 1 has no row of `a`): the step, its
+    per-teacher metrics and the saved weights equal one process's; under ZeRO-3 both teachers are partitioned."""
+    out, reports = request.getfixturevalue(launch)[:2]
+    single_out, single_reports, _ = single
+    assert_same_step(reports["routed_step"], single_reports["routed_step"][0], out, single_out, models,
+                     scenario="routed_step")
+    (expected,) = training_rows(single_reports["routed_step"][0]["log_history"])
+    assert expected["teacher/token_share/a"] == pytest.approx(19 / 41)  # rows 0-2 of the fixed batch: 8 + 3 + 8 tokens
+    for report in reports["routed_step"]:
+        (row,) = training_rows(report["log_history"])
+        for key in ROUTED:
+            assert row[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+        if launch == "zero3":
+            assert report["teachers_are_deepspeed_engines"]
+            assert_half_on_each_rank([other["teachers"][name] for other in reports["routed_step"]
+                                      for name in ("a",)])
+            assert_half_on_each_rank([other["teachers"][name] for other in reports["routed_step"]
+                                      for name in ("b",)])

@@ -1,3 +1,4 @@
+import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -32,21 +33,28 @@ class TGPOConfig(GRPOConfig):
     Parameters:
         > Parameters that control the teacher
 
-        teacher_model_name_or_path (`str`, *optional*):
+        teacher_model_name_or_path (`str` or `dict[str, str]`, *optional*):
             Hub id or local path of the teacher, loaded with `AutoModelForCausalLM.from_pretrained`. A model object
             passed to the trainer as `teacher_model` takes precedence. A teacher with the student's tokenizer scores the
             student's ids (its embedding may be padded further, e.g. Qwen2.5-72B for a Qwen2.5-1.5B student); one with
-            another tokenizer is scored across tokenizers (docs/method.md, "Teachers with another tokenizer").
-        teacher_model_revision (`str`, *optional*):
-            Revision (branch, tag or commit) of the teacher.
+            another tokenizer is scored across tokenizers (docs/method.md, "Teachers with another tokenizer"). Several
+            teachers: a mapping from teacher id to path (a YAML mapping, or JSON on the command line), each row scored
+            by the teacher its `teacher_id_column` names (docs/options.md, "Several teachers").
+        teacher_model_revision (`str` or `dict[str, str]`, *optional*):
+            Revision (branch, tag or commit) of the teacher; with several, one for all or a mapping from teacher id.
         teacher_model_init_kwargs (`str` or `dict[str, Any]`, *optional*):
-            Keyword arguments for the teacher's `from_pretrained` (e.g. `{"dtype": "bfloat16"}`).
+            Keyword arguments for the teacher's `from_pretrained` (e.g. `{"dtype": "bfloat16"}`); with several
+            teachers, one set for all, or a mapping from teacher id to its own.
+        teacher_id_column (`str`, *optional*, defaults to `"teacher_id"`):
+            With several teachers, the dataset column that names each row's teacher. A missing or unknown id is an
+            error that names it and the known ones, before training where the dataset can be read up front.
 
         > Parameters that control a served teacher
 
-        teacher_server_url (`str` or `list[str]`, *optional*):
+        teacher_server_url (`str`, `list[str]` or `dict[str, str | list[str]]`, *optional*):
             Base URL of a vLLM OpenAI-compatible server (`vllm serve`) that serves the teacher, e.g.
-            `"http://10.0.0.2:8000"`; several replicas as a list or comma-separated, requests spread over them. The
+            `"http://10.0.0.2:8000"`; several replicas as a list or comma-separated, requests spread over them; with
+            several teachers, a mapping from teacher id to its URL(s) (the others run in process). The
             teacher then never enters training memory: it scores rollouts through `/v1/completions` with
             `prompt_logprobs` (docs/distributed.md). `teacher_model_name_or_path` names the served model (and is where
             its tokenizer is looked for); an in-process teacher (`teacher_model` object, `teacher_model_init_kwargs`)
@@ -117,11 +125,13 @@ class TGPOConfig(GRPOConfig):
     teacher_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Hub id or local path of the teacher model. A `teacher_model` object passed to the trainer "
-                  "takes precedence."},
+                  "takes precedence. Several teachers: a mapping from teacher id to path, as JSON on the command line "
+                  "('{\"math\": \"Qwen/Qwen2.5-Math-7B-Instruct\", \"code\": \"...\"}') or a YAML mapping."},
     )
     teacher_model_revision: str | None = field(
         default=None,
-        metadata={"help": "Revision (branch, tag or commit) of the teacher model."},
+        metadata={"help": "Revision (branch, tag or commit) of the teacher model; with several teachers one for all or "
+                  "a mapping from teacher id (JSON or YAML)."},
     )
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -130,7 +140,13 @@ class TGPOConfig(GRPOConfig):
     teacher_server_url: list[str] | None = field(
         default=None,
         metadata={"help": "Base URL(s) of vLLM servers serving the teacher (`vllm serve`), e.g. http://10.0.0.2:8000; "
-                  "several replicas as a list or comma-separated. The teacher is then not loaded in training."},
+                  "several replicas as a list or comma-separated. The teacher is then not loaded in training. Several "
+                  "teachers: a mapping from teacher id to URL(s), as JSON or YAML; the teachers it does not name run "
+                  "in process."},
+    )
+    teacher_id_column: str = field(
+        default="teacher_id",
+        metadata={"help": "With several teachers, the dataset column naming each row's teacher."},
     )
     teacher_server_timeout: float = field(
         default=300.0,
@@ -206,7 +222,11 @@ class TGPOConfig(GRPOConfig):
                 f"`cross_tokenizer_targets` must be one of {list(CROSS_TOKENIZER_TARGETS)}, got "
                 f"{self.cross_tokenizer_targets!r}."
             )
-        if self.teacher_server_url is not None:
+        for name in ("teacher_model_name_or_path", "teacher_model_revision", "teacher_server_url"):
+            setattr(self, name, _mapping_from_json(name, getattr(self, name)))
+        if isinstance(self.teacher_server_url, dict):
+            self.teacher_server_url = {teacher: server_urls(urls) for teacher, urls in self.teacher_server_url.items()}
+        elif self.teacher_server_url is not None:
             self.teacher_server_url = server_urls(self.teacher_server_url)
             if self.teacher_model_init_kwargs is not None:
                 raise ValueError(
@@ -232,3 +252,24 @@ class TGPOConfig(GRPOConfig):
     @property
     def guidance_needs_teacher(self) -> bool:
         return self.guidance != "none"
+
+
+def _mapping_from_json(name: str, value):
+    """A per-teacher field given as JSON on the command line (`'{"math": ..., "code": ...}'`, alone or as the one item
+    of a list) as a mapping; a mapping (from Python or YAML) is checked; any other value is returned as it is."""
+    text = value[0] if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str) else value
+    if isinstance(text, str) and text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`{name}` looks like a JSON mapping from teacher id to value but does not parse: "
+                             f"{error} (in {text!r}).") from error
+    if isinstance(value, dict):
+        if not value:
+            raise ValueError(f"`{name}` is an empty mapping: give at least one teacher id.")
+        bad = [key for key, item in value.items() if not isinstance(key, str)
+               or not (isinstance(item, str) or name == "teacher_server_url" and isinstance(item, list))]
+        if bad:
+            raise ValueError(f"`{name}` maps teacher ids to values, but {bad} do not map a string id to a string"
+                             + (" or a list of URLs" if name == "teacher_server_url" else "") + ".")
+    return value

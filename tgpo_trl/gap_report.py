@@ -98,16 +98,19 @@ class GapReport:
         return [out / REPORT_JSON, out / REPORT_MD, *plots]
 
 
-def measure_gap(trainer, dataset=None, options: GapReportOptions | None = None) -> GapReport | None:
+def measure_gap(trainer, dataset=None, options: GapReportOptions | None = None) -> "GapReport | RoutedGapReport | None":
     """
     Measure the gap between `trainer`'s student and teacher on the first `options.gap_num_prompts` prompts of `dataset`
     (default: the trainer's train dataset; a streamed one is read that far), as a run with the trainer's settings would
     sample them, and return the report on the main process (`None` on the others: call it on every process, as every
-    process generates). Nothing is trained; the student is left in eval mode.
+    process generates). Nothing is trained; the student is left in eval mode. With several teachers, each is measured
+    on the first `gap_num_prompts` of the prompts routed to it, and a `RoutedGapReport` holds a report per teacher.
     """
     from accelerate.utils import gather_object
 
     options = options or GapReportOptions()
+    if trainer.teachers.routed:
+        return _measure_each_teacher(trainer, dataset, options)
     if trainer.teacher_model is None:
         raise ValueError("The gap report needs the teacher in process (it continues the student's prefixes with it): "
                          "build the trainer with one (`teacher_model` or `teacher_model_name_or_path`); a served teacher "
@@ -124,6 +127,57 @@ def measure_gap(trainer, dataset=None, options: GapReportOptions | None = None) 
     if not accelerator.is_main_process:
         return None
     return GapReport(assemble(states, trainer, options, time.perf_counter() - started))
+
+
+@dataclass
+class RoutedGapReport:
+    """The gap report of a run with several teachers: one `GapReport` per teacher, each measured on the prompts routed
+    to it; `verdict` holds each teacher's."""
+
+    column: str
+    reports: dict[str, GapReport]
+
+    def __getitem__(self, name: str) -> GapReport:
+        return self.reports[name]
+
+    @property
+    def verdict(self) -> dict[str, Any]:
+        verdicts = {name: report.verdict for name, report in self.reports.items()}
+        text = "\n".join(f"teacher {name!r}: {verdict['text']}" for name, verdict in verdicts.items())
+        return {"teachers": verdicts, "text": text}
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return {"teacher_id_column": self.column, "teachers": {name: report.data for name, report in
+                                                               self.reports.items()}}
+
+    def write(self, output_dir: str | Path) -> list[Path]:
+        """Each teacher's report in `<output_dir>/<teacher id>/`, and beside them `gap_report.json` (every teacher's
+        data under `teachers`) and `gap_report.md` (each teacher's verdict, linking its report)."""
+        out = Path(output_dir)
+        paths = [path for name, report in self.reports.items() for path in report.write(out / name)]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / REPORT_JSON).write_text(json.dumps(self.data, indent=1))
+        lines = ["# Gap report: one per teacher", "",
+                 f"Each teacher measured on the prompts its `{self.column}` column routes to it.", "",
+                 "| teacher | prompts | verdict |", "|---|---|---|"]
+        lines += [f"| [{name}]({name}/{REPORT_MD}) | {report['settings']['prompts']} | {report.verdict['text']} |"
+                  for name, report in self.reports.items()]
+        (out / REPORT_MD).write_text("\n".join(lines) + "\n")
+        return [out / REPORT_JSON, out / REPORT_MD, *paths]
+
+
+def _measure_each_teacher(trainer, dataset, options: GapReportOptions) -> RoutedGapReport | None:
+    """Several teachers: each measured alone (`trainer.teacher_view`) on the first `gap_num_prompts` of its own
+    prompts."""
+    column = trainer.args.teacher_id_column
+    dataset = trainer.train_dataset if dataset is None else dataset
+    reports = {}
+    for name in trainer.teachers.names:
+        own = dataset.filter(lambda row, name=name: row[column] == name)
+        with trainer.teacher_view(name):
+            reports[name] = measure_gap(trainer, own, options)
+    return RoutedGapReport(column, reports) if trainer.accelerator.is_main_process else None
 
 
 def first_prompts(dataset, count: int):

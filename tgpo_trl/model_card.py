@@ -65,13 +65,22 @@ class TeacherSource:
         return cls(name_or_path, revision if revision is not None else commit)
 
 
-def distillation_rows(args, teacher: TeacherSource | None, student_name: str | None, dataset_name: str | None):
-    """The card's "Distillation" table: `(name, value)` rows, in Markdown."""
+def _teacher_text(teacher: TeacherSource) -> str:
+    return reference(teacher.name_or_path, "model", "model") + (f" at revision `{teacher.revision}`"
+                                                                if teacher.revision else "")
+
+
+def distillation_rows(args, teacher: "TeacherSource | dict[str, TeacherSource] | None", student_name: str | None,
+                      dataset_name: str | None):
+    """The card's "Distillation" table: `(name, value)` rows, in Markdown. `teacher`: one, or several by id."""
     if teacher is None:
         rows = [("Teacher", "none")]
+    elif isinstance(teacher, dict):
+        rows = [(f"Teacher `{name}`", _teacher_text(source)) for name, source in teacher.items()]
+        routing = f"each prompt scored by the teacher its `{args.teacher_id_column}` column names"
+        rows.append(("Routing (`teacher_id_column`)", routing))
     else:
-        rows = [("Teacher", reference(teacher.name_or_path, "model", "model")
-                 + (f" at revision `{teacher.revision}`" if teacher.revision else ""))]
+        rows = [("Teacher", _teacher_text(teacher))]
     rows.append(("Student it was trained from", reference(student_name, "model", "model")))
     rows.append(("Guidance (`guidance`)", f"`{args.guidance}`: {GUIDANCE_DESCRIPTIONS[args.guidance]}"))
     if args.guidance != "none":
@@ -93,7 +102,7 @@ def distillation_rows(args, teacher: TeacherSource | None, student_name: str | N
 def generate_tgpo_model_card(
     *,
     args,
-    teacher: TeacherSource | None,
+    teacher: "TeacherSource | dict[str, TeacherSource] | None",
     student_name: str | None,
     model_name: str | None,
     hub_model_id: str | None,
@@ -118,10 +127,17 @@ def generate_tgpo_model_card(
         tags=["generated_from_trainer", *tags],
     )
     teacher_ref = notice = None
-    if teacher is not None:
-        teacher_ref = reference(teacher.name_or_path, "model", "model")
-        notice = (f"The teacher's outputs shaped this model: check the licence of {teacher_ref}, some licences "
+    if isinstance(teacher, dict):
+        refs = [reference(source.name_or_path, "model", "model") for source in teacher.values()]
+        named = [f"`{name}` ({ref})" for name, ref in zip(teacher, refs, strict=True)]
+        teacher_ref = (f"the teachers {', '.join(named[:-1])} and {named[-1]}, each prompt scored by its own (the "
+                       f"`{args.teacher_id_column}` column)")
+        notice = (f"The teachers' outputs shaped this model: check the licences of {', '.join(refs)}, some licences "
                   "require naming the model a derivative was trained from, or restrict its use.")
+    elif teacher is not None:
+        teacher_ref = "the teacher " + reference(teacher.name_or_path, "model", "model")
+        notice = (f"The teacher's outputs shaped this model: check the licence of {teacher_ref[len('the teacher '):]}, "
+                  "some licences require naming the model a derivative was trained from, or restrict its use.")
     template = resources.files("tgpo_trl").joinpath("templates/model_card.md").read_text(encoding="utf-8")
     return ModelCard.from_template(
         card_data,

@@ -536,12 +536,13 @@ class ScoresBySlice:
         except BaseException:
             self.cancel()
             raise
-        self._waited += in_flight.pending.wait_time
+        self._waited += getattr(in_flight.pending, "wait_time", None) or 0.0
         return scores
 
     def cancel(self) -> None:
         for in_flight in self._in_flight.values():
-            in_flight.pending.cancel()
+            if hasattr(in_flight.pending, "cancel"):
+                in_flight.pending.cancel()
         self._in_flight.clear()
 
     def take_wait_time(self) -> float:
@@ -552,5 +553,7 @@ class ScoresBySlice:
     @property
     def request_time(self) -> float:
         """Seconds from sending the first slice's requests until the last answer was in."""
-        pending = [in_flight.pending for in_flight in self._sent]
-        return max(item.answered for item in pending) - min(item.submitted for item in pending) if pending else 0.0
+        # (in a routed batch, a slice whose rows all went to in-process teachers has no served timings)
+        answered = [value for value in (getattr(item.pending, "answered", None) for item in self._sent) if value]
+        submitted = [value for value in (getattr(item.pending, "submitted", None) for item in self._sent) if value]
+        return max(answered) - min(submitted) if answered and submitted else 0.0

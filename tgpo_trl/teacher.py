@@ -1,6 +1,9 @@
 """The teacher: loading, the shared-vocabulary rule, and teacher-forced scoring of the student's rollouts."""
 
+import functools
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import AutoProcessor, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -303,3 +306,263 @@ def _unflatten(mask: torch.Tensor, scores: TeacherScores, num_completion: int) -
         return full[:, -num_completion:]
 
     return TeacherScores(**{key: place(value) for key, value in vars(scores).items() if value is not None})
+
+
+# ------------------------------------------------------------------ several teachers: each row routed to its own
+
+
+@dataclass
+class TeacherSpec:
+    """One teacher as configured, before anything is loaded: its id in the routing column (None: the run's only
+    teacher), the path or Hub id of its weights or tokenizer, a model object, the server URLs that serve it, and its
+    revision, `from_pretrained` keyword arguments and tokenizer."""
+
+    name: str | None
+    path: str | None = None
+    model: PreTrainedModel | None = None
+    urls: list[str] | None = None
+    revision: str | None = None
+    init_kwargs: dict | None = None
+    processing_class: Any = None
+    server: Any = None  # a served teacher's probed connection, once the trainer has made it
+
+    @property
+    def label(self) -> str:
+        return "the teacher" if self.name is None else f"teacher {self.name!r}"
+
+
+def _per_teacher(value, names: list[str], field: str, kind: type | tuple) -> dict:
+    """A setting that is one value for every teacher, or a mapping from teacher id to value: as a mapping."""
+    if isinstance(value, dict) and not (kind is dict and not _is_per_teacher(value, names)):
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ValueError(f"`{field}` names teachers {unknown} that are not among the run's teachers {names}.")
+        return dict(value)
+    return dict.fromkeys(names, value)
+
+
+def _is_per_teacher(value: dict, names: list[str]) -> bool:
+    """Whether `teacher_model_init_kwargs` is per teacher: its keys are teacher ids and its values keyword mappings."""
+    return len(names) > 1 and bool(value) and set(value) <= set(names) and all(
+        isinstance(item, dict) or item is None for item in value.values())
+
+
+def resolve_teachers(paths, models, urls, revisions, init_kwargs, processing_classes) -> list[TeacherSpec]:
+    """
+    The run's teachers from the configuration (`teacher_model_name_or_path`, `teacher_server_url`,
+    `teacher_model_revision`, `teacher_model_init_kwargs`) and the trainer's `teacher_model` and
+    `teacher_processing_class`. Each may be one value (one teacher, no id: today's single teacher) or a mapping from
+    teacher id to value; the ids are the keys of the mappings given for paths, models and servers. A teacher is served
+    where its id has server URLs (its path then names the served model), else in process (a model object, or loaded from
+    its path). Returns `[]` when no teacher is configured.
+    """
+    where = {"teacher_model_name_or_path": paths, "teacher_model": models, "teacher_server_url": urls}
+    mappings = {field: value for field, value in where.items() if isinstance(value, dict)}
+    if not mappings:
+        if paths is None and models is None and urls is None:
+            return []
+        return [TeacherSpec(None, paths, models, urls, revisions, init_kwargs, processing_classes)]
+    plain = [field for field, value in where.items() if value is not None and not isinstance(value, dict)]
+    if plain:
+        raise ValueError(
+            f"{', '.join(f'`{field}`' for field in mappings)} maps teacher ids to teachers, but {', '.join(f'`{field}`' for field in plain)} "
+            "is a single value: with several teachers give every one of them as a mapping from teacher id."
+        )
+    names = list(dict.fromkeys(name for mapping in mappings.values() for name in mapping))
+    for field, mapping in mappings.items():
+        bad = [name for name in mapping if not isinstance(name, str) or not name or "/" in name]
+        if bad:
+            raise ValueError(f"`{field}` has teacher ids {bad}: an id is a non-empty string without '/' (it names "
+                             "metrics such as `gap/reverse_kl/<id>`).")
+    revisions = _per_teacher(revisions, names, "teacher_model_revision", str)
+    init_kwargs = _per_teacher(init_kwargs, names, "teacher_model_init_kwargs", dict)
+    processing_classes = _per_teacher(processing_classes, names, "teacher_processing_class", object)
+    specs = []
+    for name in names:
+        spec = TeacherSpec(name, (paths or {}).get(name), (models or {}).get(name), (urls or {}).get(name),
+                           revisions.get(name), init_kwargs.get(name), processing_classes.get(name))
+        if isinstance(spec.model, str):  # `teacher_model={"id": "path"}`
+            spec.path, spec.model = spec.model, None
+        if spec.urls is None and spec.model is None and spec.path is None:
+            raise ValueError(f"Teacher {name!r} has neither a model (`teacher_model_name_or_path` or `teacher_model`) "
+                             "nor a server (`teacher_server_url`).")
+        specs.append(spec)
+    return specs
+
+
+@dataclass
+class Teacher:
+    """One teacher of a run: where it runs (`model`, in process; or `server`) and how its ids map (`scoring`, over its
+    first `vocab_size` ids); `name` is its id in the routing column (None: the run's only teacher), `source` where it
+    came from (for the model card), `image_refusal` why it cannot see the student's images (None: it can)."""
+
+    name: str | None
+    scoring: Any
+    vocab_size: int
+    source: Any = None
+    model: PreTrainedModel | None = None
+    server: Any = None
+    image_refusal: str | None = None
+    # its forward is a collective (in process, partitioned by ZeRO-3 over several processes): every process runs it
+    # the same number of times, whatever rows it holds
+    collective: bool = False
+
+
+def _unknown_teacher(where: str, value, names: list[str], column: str) -> ValueError:
+    return ValueError(
+        f"{where} has `{column}` = {value!r}, which is not one of the run's teachers {names}: every row names its "
+        f"teacher in the `{column}` column (`teacher_id_column`)."
+    )
+
+
+def check_teacher_ids(dataset, name: str, names: list[str], column: str) -> None:
+    """With several teachers, a dataset whose rows can be read up front must name a known teacher in every row (an
+    iterable dataset is checked at each batch instead)."""
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):
+        for key, item in dataset.items():
+            check_teacher_ids(item, f"{name}[{key!r}]", names, column)
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None or not hasattr(dataset, "__len__"):
+        return
+    if column not in columns:
+        raise ValueError(
+            f"`{name}` has no `{column}` column (its columns: {columns}), but the run has several teachers {names}: "
+            f"each row names its teacher there (`teacher_id_column` names the column)."
+        )
+    known = set(names)
+    for index, value in enumerate(dataset[column]):
+        if value not in known:
+            raise _unknown_teacher(f"Row {index} of `{name}`", value, names, column)
+
+
+class Teachers:
+    """
+    The run's teachers, and which one scores each row: with one, every row (no id needed, today's single teacher); with
+    several, the one named by the row's `column` (a dataset column). `start` is the trainer's one scoring call: it sends
+    each teacher its own rows (where it runs: `submit(teacher, ...)`), maps each teacher's ids its own way, and gives
+    the scores back in the batch's row order, so the guidance never sees how many teachers there are.
+    """
+
+    def __init__(self, teachers: list[Teacher], column: str = "teacher_id"):
+        self.teachers, self.column = teachers, column
+        self.names = [teacher.name for teacher in teachers]
+
+    def __len__(self) -> int:
+        return len(self.teachers)
+
+    def __iter__(self):
+        return iter(self.teachers)
+
+    @property
+    def routed(self) -> bool:
+        return len(self.teachers) > 1
+
+    @property
+    def served(self) -> bool:
+        """Whether any teacher is served."""
+        return any(teacher.server is not None for teacher in self.teachers)
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether any teacher maps ids across tokenizers (it then needs the prompts themselves)."""
+        return any(teacher.scoring.cross_tokenizer for teacher in self.teachers)
+
+    def route(self, examples: list[dict]) -> torch.Tensor | None:
+        """Each example's teacher, as an index into `names`; None with one teacher (it scores every row)."""
+        if not self.routed:
+            return None
+        index = {name: position for position, name in enumerate(self.names)}
+        route = []
+        for example in examples:
+            if self.column not in example:
+                raise ValueError(
+                    f"A row of this batch has no `{self.column}`, but the run has several teachers {self.names}: each "
+                    f"row names its teacher in the `{self.column}` column (`teacher_id_column`)."
+                )
+            if example[self.column] not in index:
+                raise _unknown_teacher("A row of this batch", example[self.column], self.names, self.column)
+            route.append(index[example[self.column]])
+        return torch.tensor(route, dtype=torch.long)
+
+    def start(self, submit, prompts, prompt_ids, prompt_mask, completion_ids, completion_mask, route=None):
+        """Send each teacher its rows (`route`: the rows' teachers, None with one teacher) and return the scores in
+        flight, in the batch's row order."""
+        if route is None:
+            teacher = self.teachers[0]
+            return teacher.scoring.start(functools.partial(submit, teacher), prompts, prompt_ids, prompt_mask,
+                                         completion_ids, completion_mask)
+        parts = []
+        for position, teacher in enumerate(self.teachers):
+            rows = torch.nonzero(route == position).flatten()
+            scored = rows
+            if rows.numel() == 0:
+                if not teacher.collective:
+                    continue
+                # a partitioned teacher runs its forward on every process: here on a stand-in row it scores nothing of
+                scored = route.new_zeros(1)
+            taken = [tensor[scored.to(tensor.device)] for tensor in (prompt_ids, prompt_mask, completion_ids,
+                                                                      completion_mask)]
+            if rows.numel() == 0:
+                taken[3] = torch.zeros_like(taken[3])
+            own_prompts = None if prompts is None else [prompts[row] for row in scored.tolist()]
+            parts.append((rows, teacher.scoring.start(functools.partial(submit, teacher), own_prompts, *taken)))
+        return Routed(parts, route.numel())
+
+
+class Routed:
+    """Several teachers' scores of one batch in flight, each of its own rows; `result()` puts them in row order."""
+
+    def __init__(self, parts: list, num_rows: int):
+        self.parts, self.num_rows = parts, num_rows
+        self.pending = _RoutedPending([in_flight.pending for _, in_flight in parts])
+
+    def result(self) -> TeacherScores:
+        collected = [(rows, in_flight.result()) for rows, in_flight in self.parts]  # in teacher order, on every process
+        collected = [(rows, scores) for rows, scores in collected if rows.numel()]
+        fields = {}
+        for key in vars(collected[0][1]):
+            values = [getattr(scores, key) for _, scores in collected]
+            if all(value is None for value in values):
+                continue
+            if key == "topk_valid":  # absent for a teacher whose every top-k slot is a student id
+                values = [torch.ones_like(scores.topk_ids, dtype=torch.bool) if value is None else value
+                          for value, (_, scores) in zip(values, collected, strict=True)]
+            elif any(value is None for value in values):
+                raise RuntimeError(f"Teachers returned `{key}` for some rows and not for others.")
+            first = values[0]
+            merged = first.new_zeros(self.num_rows, *first.shape[1:])
+            for (rows, _), value in zip(collected, values, strict=True):
+                merged[rows.to(merged.device)] = value.to(merged.device)
+            fields[key] = merged
+        return TeacherScores(**fields)
+
+
+class _RoutedPending:
+    """The timings and cancellation of a routed batch's served parts (an in-process teacher's forward has none)."""
+
+    def __init__(self, parts: list):
+        self.parts = [part for part in parts if hasattr(part, "cancel")]
+
+    @property
+    def wait_time(self) -> float:
+        return sum(part.wait_time or 0.0 for part in self.parts)
+
+    @property
+    def submitted(self) -> float | None:
+        return min((part.submitted for part in self.parts), default=None)
+
+    @property
+    def answered(self) -> float | None:
+        return max((part.answered for part in self.parts), default=None)
+
+    def cancel(self) -> None:
+        for part in self.parts:
+            part.cancel()
+
+
+def take_rows(scores: TeacherScores, count: int) -> TeacherScores:
+    """The first `count` rows of `scores`."""
+    return TeacherScores(**{key: value[:count] for key, value in vars(scores).items() if value is not None})

@@ -1,3 +1,4 @@
+import contextlib
 import functools
 import inspect
 import os
@@ -31,11 +32,17 @@ from .model_card import TeacherSource, generate_tgpo_model_card
 from .served import ScoresBySlice, ServedTeacher, TeacherServerError
 from .teacher import (
     Deferred,
+    Teacher,
+    Teachers,
+    TeacherSpec,
+    check_teacher_ids,
     find_teacher_processor,
     find_teacher_tokenizer,
     freeze,
     load_teacher,
+    resolve_teachers,
     score_completions,
+    take_rows,
     teacher_id_mapping,
     why_teacher_cannot_see_images,
 )
@@ -65,6 +72,11 @@ _IMAGE_INPUTS = tuple(
 _SERVED_SEES_NO_IMAGES = (
     "the teacher is served (`teacher_server_url`), and vLLM's `/v1/completions` scores token ids: it carries no "
     "images, so the teacher would score the image prompts without them"
+)
+# Why several teachers cannot take images (read after "but")
+_ROUTED_SEES_NO_IMAGES = (
+    "the run has several teachers, and routing splits a batch's rows between them while its image inputs are not "
+    "split by row"
 )
 
 
@@ -246,43 +258,57 @@ class TGPOTrainer(GRPOTrainer):
         for name, dataset in (eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]):
             _check_dataset(dataset, "eval_dataset" + (f"[{name!r}]" if name else ""), environment_factory is None)
 
-        # The teacher is resolved first, so a missing or unloadable one fails before the student is built
-        teacher_path = teacher_model if isinstance(teacher_model, str) else args.teacher_model_name_or_path
-        served = args.teacher_server_url is not None
-        if teacher_model is None and teacher_path is None and args.guidance_needs_teacher and not served:
+        # The teachers are resolved first, so a missing or unloadable one fails before the student is built
+        specs = resolve_teachers(
+            teacher_model if isinstance(teacher_model, (str, dict)) else args.teacher_model_name_or_path,
+            teacher_model if isinstance(teacher_model, (PreTrainedModel, dict)) else None,
+            args.teacher_server_url, args.teacher_model_revision, args.teacher_model_init_kwargs,
+            teacher_processing_class,
+        )
+        if isinstance(teacher_model, dict) and isinstance(args.teacher_model_name_or_path, dict):
+            # paths in the config and model objects passed to the trainer: the objects win, as for one teacher
+            specs = resolve_teachers({**args.teacher_model_name_or_path, **teacher_model}, None,
+                                     args.teacher_server_url, args.teacher_model_revision,
+                                     args.teacher_model_init_kwargs, teacher_processing_class)
+        if not specs and args.guidance_needs_teacher:
             raise ValueError(
                 f"`guidance={args.guidance!r}` needs a teacher: set `teacher_model_name_or_path` in the config or pass "
                 "`teacher_model` to the trainer (or use `guidance='none'` for plain GRPO)."
             )
+        if len(specs) > 1:  # every row must name a known teacher: checked here where the rows can be read
+            names = [spec.name for spec in specs]
+            check_teacher_ids(train_dataset, "train_dataset", names, args.teacher_id_column)
+            check_teacher_ids(eval_dataset, "eval_dataset", names, args.teacher_id_column)
         image_column = next(filter(None, map(_dataset_images, (train_dataset, eval_dataset))), None)
         images_in_data = f"The dataset's prompts have images (its `{image_column}` column)"
-        if served and image_column is not None and not args.teacher_without_images:
-            raise _images_refused(images_in_data, _SERVED_SEES_NO_IMAGES)
-        server = None
-        if served:
-            if isinstance(teacher_model, PreTrainedModel):
-                raise ValueError(
-                    "`teacher_model` is a model object, but `teacher_server_url` serves the teacher: pass one or the "
-                    "other (with a server, `teacher_model_name_or_path` only names the served model)."
-                )
-            teacher = None
-            server, served_mapping = self._connect_teacher_server(
-                model, processing_class, teacher_path, teacher_processing_class, args
-            )
-        elif isinstance(teacher_model, PreTrainedModel):
-            teacher, teacher_path = teacher_model, None
-            if args.teacher_model_init_kwargs is not None:
-                logger.warning("`teacher_model_init_kwargs` is ignored: the teacher was passed as a model object.")
-        elif teacher_path is not None:
-            teacher = load_teacher(
-                teacher_path,
-                args.teacher_model_revision,
-                args.teacher_model_init_kwargs,
-                args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"),
-                args.trust_remote_code,
-            )
-        else:
-            teacher = None
+        if image_column is not None and not args.teacher_without_images:
+            if any(spec.urls is not None for spec in specs):
+                raise _images_refused(images_in_data, _SERVED_SEES_NO_IMAGES)
+            if len(specs) > 1:
+                raise _images_refused(images_in_data, _ROUTED_SEES_NO_IMAGES)
+        distributed = args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED")
+        for spec in specs:
+            if spec.urls is not None:
+                if spec.model is not None:
+                    raise ValueError(
+                        "`teacher_model` is a model object" + (f" for teacher {spec.name!r}" if spec.name else "")
+                        + ", but `teacher_server_url` serves the teacher: pass one or the other (with a server, "
+                        "`teacher_model_name_or_path` only names the served model)."
+                    )
+                if spec.init_kwargs is not None:
+                    raise ValueError(
+                        f"`teacher_model_init_kwargs` loads an in-process teacher, but `teacher_server_url` serves "
+                        f"{spec.label}: set its dtype and the like on `vllm serve` (e.g. `--dtype bfloat16`)."
+                    )
+                spec.server = self._connect_teacher_server(model, processing_class, spec, args)
+            elif spec.model is not None:
+                spec.path = None
+                if spec.init_kwargs is not None:
+                    logger.warning(f"`teacher_model_init_kwargs` is ignored for {spec.label}: it was passed as a model "
+                                   "object.")
+            else:
+                spec.model = load_teacher(spec.path, spec.revision, spec.init_kwargs, distributed,
+                                          args.trust_remote_code)
 
         super().__init__(
             model=model,
@@ -302,56 +328,70 @@ class TGPOTrainer(GRPOTrainer):
         )
 
         self.guidance = args.guidance
-        self.teacher_model = None
-        self.teacher_server = server
-        self.teacher_source = None
         self._alignment_logged = False  # the first batch's alignment rate is logged once, across tokenizers
         self._teacher_in_flight = None  # a served teacher's scores of the batch being generated, requested in `_generate`
+        self._teacher_inputs = None  # the examples of the batch being generated (a teacher of another tokenizer reads them)
+        self._teacher_route = None  # which teacher scores each row of that batch (None with one teacher)
         self._defer_teacher = False  # whether the batch being generated is scored per training slice (`_prepare_inputs`)
         self._teacher_slices = None  # the buffered generation batch's served scores, by slice (`ScoresBySlice`)
         self._skipped_counts = None  # its `guidance/skipped_tokens` counts so far, over the slices collected
         self._teacher_wait = 0.0  # seconds blocked on a served teacher in this optimizer step
-        self._teacher_inputs = None  # the examples of the batch being generated (a teacher of another tokenizer reads them)
-        self._image_refusal = None  # why the teacher cannot see a batch's images (None: it can, or there is no teacher)
         self._images_withheld_logged = False  # `teacher_without_images` is logged once, at the first batch with images
         student = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        if server is not None:
-            self.teacher_source = TeacherSource(server.model, args.teacher_model_revision)
-            self.teacher_scoring, self.teacher_vocab_size = served_mapping
+        self.teachers = Teachers([self._build_teacher(spec, student, image_column, images_in_data)
+                                  for spec in specs], args.teacher_id_column)
+        # one teacher: its parts, as attributes (None with several: `self.teachers` holds each one's)
+        single = self.teachers.teachers[0] if len(self.teachers) == 1 else None
+        self.teacher_model = single.model if single else None
+        self.teacher_server = single.server if single else None
+        self.teacher_source = single.source if single else None
+        self.teacher_scoring = single.scoring if single else None
+        self.teacher_vocab_size = single.vocab_size if single else None
+        # why the teachers cannot see a batch's images (None: they can, or there is no teacher)
+        self._image_refusal = _ROUTED_SEES_NO_IMAGES if self.teachers.routed else (
+            single.image_refusal if single else None)
+        if self.teachers:
             self._student_logps = StudentLogProbs(student, self.temperature, args.cast_lm_head_to_fp32)
-            self._image_refusal = _SERVED_SEES_NO_IMAGES
-            return
-        if teacher is None:
-            return
-        self.teacher_source = TeacherSource.of(teacher, teacher_path, args.teacher_model_revision)
-        teacher_processor = teacher_processing_class
-        if teacher_processing_class is None:
-            teacher_processing_class = find_teacher_tokenizer(
-                teacher, teacher_path, args.teacher_model_revision, args.trust_remote_code
-            )
-            teacher_processor = find_teacher_processor(teacher, teacher_path, args.teacher_model_revision,
-                                                       args.trust_remote_code)
-        self.teacher_scoring, self.teacher_vocab_size = teacher_id_mapping(
-            self._tokenizer, self.model, teacher, getattr(teacher_processing_class, "tokenizer", teacher_processing_class),
+
+    def _build_teacher(self, spec: TeacherSpec, student, image_column, images_in_data) -> Teacher:
+        """A resolved teacher, once the student and the accelerator exist: a served one as it was probed; an
+        in-process one with its tokenizer found, its id mapping checked, frozen, and prepared like GRPO's reference
+        model (partitioned under ZeRO-3)."""
+        args = self.args
+        if spec.server is not None:
+            server, (mapping, vocab_size) = spec.server
+            return Teacher(spec.name, mapping, vocab_size, TeacherSource(server.model, spec.revision), server=server,
+                           image_refusal=_SERVED_SEES_NO_IMAGES)
+        teacher = spec.model
+        source = TeacherSource.of(teacher, spec.path, spec.revision)
+        tokenizer = processor = spec.processing_class
+        if spec.processing_class is None:
+            tokenizer = find_teacher_tokenizer(teacher, spec.path, spec.revision, args.trust_remote_code)
+            processor = find_teacher_processor(teacher, spec.path, spec.revision, args.trust_remote_code)
+        mapping, vocab_size = teacher_id_mapping(
+            self._tokenizer, self.model, teacher, getattr(tokenizer, "tokenizer", tokenizer),
             args.cross_tokenizer_targets,
         )
-        self._image_refusal = why_teacher_cannot_see_images(
-            teacher, teacher_processor, student, self.processing_class, self.teacher_scoring.cross_tokenizer
-        )
-        if self._image_refusal is not None and image_column is not None and not args.teacher_without_images:
-            raise _images_refused(images_in_data, self._image_refusal)
+        refusal = why_teacher_cannot_see_images(teacher, processor, student, self.processing_class,
+                                                mapping.cross_tokenizer)
+        if refusal is not None and image_column is not None and not args.teacher_without_images:
+            raise _images_refused(images_in_data, refusal)
         freeze(teacher)
         if self.is_deepspeed_enabled:
-            self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
+            teacher = prepare_deepspeed(teacher, self.accelerator)
         else:
-            self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        self._student_logps = StudentLogProbs(student, self.temperature, args.cast_lm_head_to_fp32)
+            teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        # partitioned: its forwards are collectives (the processes hold different mixes of the teachers' rows)
+        collective = (self.is_deepspeed_enabled and self.accelerator.num_processes > 1
+                      and self.accelerator.state.deepspeed_plugin.zero_stage == 3)
+        return Teacher(spec.name, mapping, vocab_size, source, model=teacher, image_refusal=refusal,
+                       collective=collective)
 
     @staticmethod
-    def _connect_teacher_server(model, processing_class, teacher_name, teacher_processing_class, args):
+    def _connect_teacher_server(model, processing_class, spec: TeacherSpec, args):
         """
         A served teacher, probed before any model is loaded: the student's tokenizer and config (read, not the
-        weights), the teacher's tokenizer when one can be found under `teacher_name` (else the shared vocabulary is
+        weights), the teacher's tokenizer when one can be found under `spec.path` (else the shared vocabulary is
         assumed, and the probe checks it against the server's own decoding), the id mapping between them, and the
         probe of every replica. Returns `(ServedTeacher, (mapping, teacher vocab size))`.
         """
@@ -364,20 +404,17 @@ class TGPOTrainer(GRPOTrainer):
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor's tokenizer
         config = model.config if not isinstance(model, str) else AutoConfig.from_pretrained(
             model_id, revision=revision, trust_remote_code=args.trust_remote_code)
-        if teacher_processing_class is None and teacher_name is not None:
-            teacher_processing_class = find_teacher_tokenizer(
-                None, teacher_name, args.teacher_model_revision, args.trust_remote_code
-            )
-        mapping, vocab_size = teacher_id_mapping(
-            tokenizer, config, None, teacher_processing_class, args.cross_tokenizer_targets
-        )
+        teacher_tokenizer = spec.processing_class
+        if teacher_tokenizer is None and spec.path is not None:
+            teacher_tokenizer = find_teacher_tokenizer(None, spec.path, spec.revision, args.trust_remote_code)
+        mapping, vocab_size = teacher_id_mapping(tokenizer, config, None, teacher_tokenizer,
+                                                 args.cross_tokenizer_targets)
         server = ServedTeacher(
-            args.teacher_server_url, teacher_name, vocab_size, sample_top_k=args.guidance_top_k,
-            timeout=args.teacher_server_timeout, max_concurrent_requests=args.teacher_server_max_concurrent_requests,
+            spec.urls, spec.path, vocab_size, sample_top_k=args.guidance_top_k, timeout=args.teacher_server_timeout,
+            max_concurrent_requests=args.teacher_server_max_concurrent_requests,
             max_retries=args.teacher_server_max_retries,
         )
-        scoring_tokenizer, role = (teacher_processing_class, "teacher") if mapping.cross_tokenizer else (tokenizer,
-                                                                                                         "student")
+        scoring_tokenizer, role = (teacher_tokenizer, "teacher") if mapping.cross_tokenizer else (tokenizer, "student")
         server.probe(scoring_tokenizer, server.logprobs_for(**_teacher_request(args.guidance, args.guidance_top_k)),
                      args.max_completion_length + 2, role)
         return server, (mapping, vocab_size)
@@ -406,7 +443,8 @@ class TGPOTrainer(GRPOTrainer):
         wandb_run = getattr(sys.modules.get("wandb"), "run", None)  # a W&B run exists only if wandb was imported
         card = generate_tgpo_model_card(
             args=self.args,
-            teacher=self.teacher_source,
+            teacher={teacher.name: teacher.source for teacher in self.teachers} if self.teachers.routed else (
+                self.teacher_source),
             student_name=get_config_model_id(self.model.config) or None,
             model_name=model_name,
             hub_model_id=self.hub_model_id,
@@ -446,17 +484,37 @@ class TGPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ teacher scoring
 
+    @contextlib.contextmanager
+    def teacher_view(self, name: str):
+        """The trainer as if teacher `name` were its only one (its model, server, id mapping and image rule), for
+        measuring each teacher on its own prompts (the gap report); as it was on exit."""
+        (teacher,) = [teacher for teacher in self.teachers if teacher.name == name] or [None]
+        if teacher is None:
+            raise ValueError(f"No teacher {name!r}: the run's teachers are {self.teachers.names}.")
+        names = ("teachers", "teacher_model", "teacher_server", "teacher_source", "teacher_scoring",
+                 "teacher_vocab_size", "_image_refusal")
+        saved = {key: getattr(self, key) for key in names}
+        self.teachers = Teachers([teacher], self.args.teacher_id_column)
+        self.teacher_model, self.teacher_server, self.teacher_source = teacher.model, teacher.server, teacher.source
+        self.teacher_scoring, self.teacher_vocab_size = teacher.scoring, teacher.vocab_size
+        self._image_refusal = teacher.image_refusal
+        try:
+            yield self
+        finally:
+            for key, value in saved.items():
+                setattr(self, key, value)
+
     @property
     def has_teacher(self) -> bool:
         """Whether a teacher scores the rollouts (in process or served)."""
-        return self.teacher_model is not None or self.teacher_server is not None
+        return bool(self.teachers)
 
     def _generate(self, prompts: list):
         # A served teacher's scores are requested as soon as the completions exist, so that it works while GRPO
         # computes rewards and its own no-grad forwards; they are collected in `_generate_and_score_completions`. (An
         # in-process teacher runs there, with the image inputs GRPO builds after generation.)
         generated = super()._generate(prompts)
-        if self.teacher_server is not None and self._teacher_inputs is not None:
+        if self.teachers.served and self._teacher_inputs is not None:
             prompt_ids, completion_ids = generated[0], generated[1]
             device, pad_id = self.accelerator.device, self._tokenizer.pad_token_id
 
@@ -468,17 +526,17 @@ class TGPOTrainer(GRPOTrainer):
                 return ids.to(device), mask.to(device)
 
             tensors = (*padded(prompt_ids, "left"), *padded(completion_ids, "right"))
-            prompts = self._prompts_for_teacher(self._teacher_inputs) if self.teacher_scoring.cross_tokenizer else None
-            self._teacher_in_flight = (self._start_served_scoring(tensors, prompts), tensors[2])
+            prompts = self._prompts_for_teacher(self._teacher_inputs) if self.teachers.cross_tokenizer else None
+            self._teacher_in_flight = (self._start_served_scoring(tensors, prompts, self._teacher_route), tensors[2])
         return generated
 
-    def _start_served_scoring(self, tensors, prompts):
+    def _start_served_scoring(self, tensors, prompts, route):
         """Send a generation batch to the served teacher: whole, or (`_defer_teacher`) slice by slice in the order the
         slices will train. The slices are GRPO's: the batch's rows shuffled by a permutation drawn here, where GRPO's
         `shuffle_sequence_dict` draws its own after scoring (one draw per batch either way), then split into
         `steps_per_generation` equal parts (the rows past the last full part are never trained, as in GRPO)."""
         if not self._defer_teacher:
-            return self.start_teacher_scoring(*tensors, prompts=prompts)
+            return self.start_teacher_scoring(*tensors, prompts=prompts, route=route)
         count, parts = tensors[0].size(0), self.args.steps_per_generation
         size = count // parts
         order = torch.randperm(count)
@@ -487,31 +545,37 @@ class TGPOTrainer(GRPOTrainer):
         def start(slice_rows):
             taken = [tensor[slice_rows.to(tensor.device)] for tensor in tensors]
             return self.start_teacher_scoring(
-                *taken, prompts=None if prompts is None else [prompts[row] for row in slice_rows.tolist()]
+                *taken, prompts=None if prompts is None else [prompts[row] for row in slice_rows.tolist()],
+                route=None if route is None else route[slice_rows],
             )
 
         return ScoresBySlice(rows, start, first=self._step % parts)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        self._teacher_in_flight, self._teacher_inputs = None, inputs
+        # which teacher scores each row (several teachers): a row without a known id fails here, before generation
+        route = self.teachers.route(inputs)
+        self._teacher_in_flight, self._teacher_inputs, self._teacher_route = None, inputs, route
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
-            self._teacher_inputs = None
+            self._teacher_inputs = self._teacher_route = None
         if not self.has_teacher:
             return output
+        if route is not None:  # travels with the rows through GRPO's shuffle and split, for the per-teacher metrics
+            output["teacher_index"] = route.to(output["completion_ids"].device)
         mode = "train" if self.model.training else "eval"
         in_flight, self._teacher_in_flight = self._teacher_in_flight, None
         image_inputs = self._teacher_image_inputs(output)
         if in_flight is None or not torch.equal(in_flight[1], output["completion_ids"]):
             # an in-process teacher, or a served one whose requests `_generate` did not send (a subclass or test that
             # supplies the rollouts): score the batch now
-            prompts = self._prompts_for_teacher(inputs) if self.teacher_scoring.cross_tokenizer else None
+            prompts = self._prompts_for_teacher(inputs) if self.teachers.cross_tokenizer else None
             tensors = (output["prompt_ids"], output["prompt_mask"], output["completion_ids"], output["completion_mask"])
-            if self.teacher_server is not None:
-                in_flight = (self._start_served_scoring(tensors, prompts), None)
+            if self.teachers.served:
+                in_flight = (self._start_served_scoring(tensors, prompts, route), None)
             else:
-                in_flight = (self.start_teacher_scoring(*tensors, prompts=prompts, image_inputs=image_inputs), None)
+                in_flight = (self.start_teacher_scoring(*tensors, prompts=prompts, image_inputs=image_inputs,
+                                                        route=route), None)
         if self.guidance != "opd" and not self.args.use_task_reward:
             output["advantages"] = torch.zeros_like(output["advantages"])
         if self._defer_teacher:  # the scores join each slice as `_prepare_inputs` hands it to training
@@ -521,9 +585,12 @@ class TGPOTrainer(GRPOTrainer):
             scores = in_flight[0].result()
         except TeacherServerError as error:
             raise self._teacher_stopped(error) from error
-        if self.teacher_server is not None:
-            self._metrics[mode]["teacher/wait_time"].append(in_flight[0].pending.wait_time)
-            self._metrics[mode]["teacher/request_time"].append(in_flight[0].pending.request_time)
+        if self.teachers.served:
+            # (a routed batch whose rows all went to in-process teachers sent no request)
+            pending = in_flight[0].pending
+            sent = pending.answered is not None
+            self._metrics[mode]["teacher/wait_time"].append(pending.wait_time if sent else 0.0)
+            self._metrics[mode]["teacher/request_time"].append(pending.answered - pending.submitted if sent else 0.0)
         self._report_skipped(self._attach_teacher_scores(output, scores, mode), mode)
         return output
 
@@ -535,7 +602,7 @@ class TGPOTrainer(GRPOTrainer):
         scores.valid, scores.aligned = scores.valid & scored, scores.aligned & scored
         mask = self._loss_mask(output).bool()
         counts = torch.stack([(mask & ~self._usable_scores(scores)).sum(), mask.sum()]).float()
-        if self.teacher_scoring.cross_tokenizer and not self._alignment_logged:
+        if self.teachers.cross_tokenizer and not self._alignment_logged:
             self._alignment_logged = True
             rate = self._global_token_mean(scores.aligned.float(), mask)
             logger.warning(f"Cross-tokenizer scoring: {rate:.1%} of the first batch's completion tokens are aligned.")
@@ -568,7 +635,7 @@ class TGPOTrainer(GRPOTrainer):
         optimizer step (under DeepSpeed, taken inside that micro-batch's backward) may use a generation batch the
         teacher has not scored in full. Evaluation and an in-process teacher go through GRPO's path unchanged.
         """
-        if not self.model.training or self.teacher_server is None:
+        if not self.model.training or not self.teachers.served:
             return super()._prepare_inputs(generation_batch)
         parts = self.args.steps_per_generation
         if self._step % (parts * self.num_iterations) == 0 or self._buffered_inputs is None:
@@ -614,7 +681,7 @@ class TGPOTrainer(GRPOTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         # as GRPO's `step_time`: one value per optimizer step
-        if self.teacher_server is not None and self._step % self.current_gradient_accumulation_steps == 0:
+        if self.teachers.served and self._step % self.current_gradient_accumulation_steps == 0:
             self._metrics["train"]["teacher/wait_time"].append(self._teacher_wait)
             self._teacher_wait = 0.0
         return loss
@@ -631,39 +698,57 @@ class TGPOTrainer(GRPOTrainer):
         return [example["prompt"] for example in inputs]
 
     def start_teacher_scoring(self, prompt_ids, prompt_mask, completion_ids, completion_mask, prompts=None,
-                              image_inputs=None):
+                              image_inputs=None, route=None):
         """
-        The trainer's one scoring call: send a batch of rollouts to the teacher and return its scores in flight
-        (`.result()`: what `self.guidance` needs, in the student's positions and ids). Where the teacher runs (in
-        process, its forward at `.result()`; or served, requests sent now) and how its ids map (`self.teacher_scoring`:
-        shared vocabulary, or cross-tokenizer, which needs the `prompts` themselves) are two separate layers.
-        `image_inputs`: the batch's image inputs as GRPO gives them to the student (`_IMAGE_INPUTS`), for an in-process
-        teacher that shares the student's processor.
+        The trainer's one scoring call: send a batch of rollouts to the teachers and return their scores in flight
+        (`.result()`: what `self.guidance` needs, in the student's positions and ids). Which teacher scores each row
+        (`route`: the rows' indices into `self.teachers.names`, from `self.teachers.route(examples)`; None with one
+        teacher), where each teacher runs (in process, its forward at `.result()`; or served, requests sent now) and
+        how its ids map (shared vocabulary, or cross-tokenizer, which needs the `prompts` themselves) are the teacher
+        layers' (`tgpo_trl.teacher.Teachers`). `image_inputs`: the batch's image inputs as GRPO gives them to the
+        student (`_IMAGE_INPUTS`), for an in-process teacher that shares the student's processor.
         """
-        request = _teacher_request(self.guidance, self.args.guidance_top_k)
-        if image_inputs and (self.teacher_server is not None or self.teacher_scoring.cross_tokenizer):
+        if self.teachers.routed and route is None:
+            raise ValueError(f"The run has several teachers {self.teachers.names}: pass `route`, the teacher of each row "
+                             "(`trainer.teachers.route(examples)`).")
+        if image_inputs and self._image_refusal is not None:
             raise ValueError(f"Image inputs cannot be given to this teacher: {self._image_refusal}.")
-        if self.teacher_server is not None:
-            submit = functools.partial(self.teacher_server.submit, **request)
-        else:
-            submit = functools.partial(self._score_in_process, **request, image_inputs=image_inputs)
-        return self.teacher_scoring.start(submit, prompts, prompt_ids, prompt_mask, completion_ids, completion_mask)
+        request = _teacher_request(self.guidance, self.args.guidance_top_k)
+        submit = functools.partial(self._submit_to_teacher, request=request, image_inputs=image_inputs)
+        return self.teachers.start(submit, prompts, prompt_ids, prompt_mask, completion_ids, completion_mask, route)
 
     def score_with_teacher(self, prompt_ids, prompt_mask, completion_ids, completion_mask, prompts=None,
-                           image_inputs=None):
-        """`start_teacher_scoring(...).result()`: the teacher's scores of a batch, waited for."""
+                           image_inputs=None, route=None):
+        """`start_teacher_scoring(...).result()`: the teachers' scores of a batch, waited for."""
         return self.start_teacher_scoring(prompt_ids, prompt_mask, completion_ids, completion_mask, prompts,
-                                          image_inputs).result()
+                                          image_inputs, route).result()
 
-    def _score_in_process(self, prompt_ids, prompt_mask, completion_ids, completion_mask, top_k, sample,
-                          image_inputs=None):
-        """The in-process teacher's no-grad forward, run when its scores are collected: GRPO's chunked forward (its
-        chunks, its autocast, and its split of the image inputs), as for its reference model."""
-        return Deferred(functools.partial(
-            score_completions, self.teacher_model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-            self.teacher_vocab_size, self._forward_batch_size, top_k=top_k, sample=sample,
-            forward=self._get_per_token_logps_and_entropies, image_inputs=image_inputs,
-        ))
+    def _submit_to_teacher(self, teacher, prompt_ids, prompt_mask, completion_ids, completion_mask, request,
+                           image_inputs=None):
+        """Where `teacher` runs: its server's requests, sent now; or its in-process no-grad forward, run when its
+        scores are collected: GRPO's chunked forward (its chunks, its autocast, and its split of the image inputs), as
+        for its reference model."""
+        if teacher.server is not None:
+            return teacher.server.submit(prompt_ids, prompt_mask, completion_ids, completion_mask, **request)
+        count = prompt_ids.size(0)
+        tensors = [prompt_ids, prompt_mask, completion_ids, completion_mask]
+        if teacher.collective:
+            # a partitioned teacher's forwards gather its parameters across processes, so each process runs as many
+            # as the process with the most of its rows: the others score copies of a row, unscored (no completion)
+            most = int(self.accelerator.gather(torch.tensor([count], device=prompt_ids.device)).max())
+            if most > count:
+                filler = [tensor[:1].expand(most - count, -1) for tensor in tensors]
+                filler[3] = torch.zeros_like(filler[3])
+                tensors = [torch.cat([tensor, extra]) for tensor, extra in zip(tensors, filler, strict=True)]
+
+        def scored():
+            scores = score_completions(
+                teacher.model, *tensors, teacher.vocab_size, self._forward_batch_size, **request,
+                forward=self._get_per_token_logps_and_entropies, image_inputs=image_inputs,
+            )
+            return take_rows(scores, count) if tensors[0].size(0) > count else scores
+
+        return Deferred(scored)
 
     def _image_inputs(self, output: dict[str, Any]) -> dict[str, Any] | None:
         """The batch's image inputs, as GRPO gives them to the student's forwards; None for a batch without images."""
@@ -786,7 +871,37 @@ class TGPOTrainer(GRPOTrainer):
         mismatch = (inputs["teacher_argmax"] != completion_ids).float()
         metrics["gap/mismatch_ratio"].append(self._global_token_mean(mismatch, target_mask))
         metrics["gap/aligned_ratio"].append(self._global_token_mean(target_mask.float(), loss_mask))
+        if inputs.get("teacher_index") is not None:
+            guidance = (per_token.detach() if per_token is not None else log_ratio) if self.guidance != "none" else None
+            self._log_per_teacher(metrics, inputs["teacher_index"], guidance, mask, log_ratio, logp_mask, mismatch,
+                                  target_mask, loss_mask)
         return loss
+
+    def _log_per_teacher(self, metrics, route, guidance, mask, log_ratio, logp_mask, mismatch, target_mask, loss_mask):
+        """The guidance and gap metrics of each teacher's rows, `<metric>/<teacher id>`, and the share of the completion
+        tokens it scored (`teacher/token_share/<id>`); reduced over processes in one call, and logged only for the
+        teachers that scored tokens of this micro-batch on some process (their means are undefined otherwise)."""
+        rows = [(route == index).unsqueeze(1) for index in range(len(self.teachers))]
+        zero = log_ratio.new_zeros(())
+        sums = torch.stack([torch.stack([
+            (guidance * (mask & own)).sum() if guidance is not None else zero, (mask & own).sum(),
+            (log_ratio * (logp_mask & own)).sum(), (logp_mask & own).sum(),
+            (mismatch * (target_mask & own)).sum(), (target_mask & own).sum(), (loss_mask & own).sum(),
+        ]).float() for own in rows])
+        sums = self.accelerator.reduce(sums, reduction="sum").tolist()
+        total = sum(row[6] for row in sums)
+        for name, (term, term_count, kl, kl_count, wrong, targets, tokens) in zip(self.teachers.names, sums,
+                                                                                  strict=True):
+            if tokens == 0:
+                continue
+            metrics[f"teacher/token_share/{name}"].append(tokens / total)
+            metrics[f"gap/aligned_ratio/{name}"].append(targets / tokens)
+            if guidance is not None and term_count:
+                metrics[f"guidance/loss/{name}"].append(term / term_count)
+            if kl_count:
+                metrics[f"gap/reverse_kl/{name}"].append(kl / kl_count)
+            if targets:
+                metrics[f"gap/mismatch_ratio/{name}"].append(wrong / targets)
 
     def _guidance_per_token(self, student_logps, student_extra_logps, inputs) -> torch.Tensor | None:
         """The `(B, T)` guidance term of `self.guidance` (None for the modes without a differentiable term)."""

@@ -21,6 +21,7 @@ Scenarios:
 - `cross_resume`: `resume` with the teacher of another tokenizer (`teacher_bpe/`, found beside its weights, so
   cross-tokenizer scoring is on): real sampling, so each rollout's prompt is re-rendered the teacher's way. Records
   whether cross-tokenizer scoring was on and how the teacher is partitioned.
+- `routed_step`: `step` with two teachers, each row routed to its own; the ranks hold different mixes of them.
 - `vlm_twin`: a vision-language student (`vlm_student/`, a tiny LLaVA-Next with its processor) and its twin as the
   teacher (`vlm_twin/`, the same weights) on prompts with images: one real step with the top-k guidance. The teacher,
   partitioned, gets the student's image inputs, so the logged reverse KL is 0 (a teacher scoring without the images
@@ -100,13 +101,16 @@ def make_config(output_dir: Path, world_size: int, **overrides) -> TGPOConfig:
     return TGPOConfig(**settings)
 
 
-def make_trainer(models: Path, args: TGPOConfig, **kwargs) -> TGPOTrainer:
+def make_trainer(models: Path, args: TGPOConfig, teacher_id: bool = False, **kwargs) -> TGPOTrainer:
     kwargs.setdefault("teacher_model", str(models / "teacher"))
+    data = {"prompt": [[{"role": "user", "content": f"{i}+{i}="}] for i in range(16)]}
+    if teacher_id:
+        data["teacher_id"] = ["a", "b"] * 8
     return TGPOTrainer(
         model=str(models / "student"),
         reward_funcs=length_reward,
         args=args,
-        train_dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{i}+{i}="}] for i in range(16)]}),
+        train_dataset=Dataset.from_dict(data),
         processing_class=AutoTokenizer.from_pretrained(models / "student"),
         **kwargs,
     )
@@ -275,8 +279,32 @@ def run_served_step(models: Path, out: Path, world_size: int) -> dict:
     return {"log_history": trainer.state.log_history, "teacher_in_process": trainer.teacher_model is not None}
 
 
+# The teacher of each row of the fixed batch in `routed_step`: rank 0 of 2 holds 3 rows of `a` and 1 of `b`, rank 1
+# only rows of `b`
+FIXED_ROUTE = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])
+
+
+def run_routed_step(models: Path, out: Path, world_size: int) -> dict:
+    """`run_step` with two teachers, each row routed to its own (`FIXED_ROUTE`): `a` from `teacher/`, `b` from
+    `teacher_shifted/` (its output rows shifted by one id: it disagrees with `a` at every token), both loaded by path,
+    so both partitioned under ZeRO-3. The per-teacher metrics are reduced over ranks that hold different mixes of the
+    teachers."""
+    trainer = make_trainer(models, make_config(out, world_size), teacher_id=True,
+                           teacher_model={"a": str(models / "teacher"), "b": str(models / "teacher_shifted")})
+    rank = trainer.accelerator.process_index
+    rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+    trainer.teachers.route = lambda examples: FIXED_ROUTE[rows].clone()  # the fixed batch's rows, not the dataset's
+    batch = fixed_batch(min(teacher.vocab_size for teacher in trainer.teachers))
+    with serve_fixed_batch(batch, rank, world_size):
+        trainer.train()
+    trainer.save_model(str(out / "final"))
+    return {"log_history": trainer.state.log_history,
+            "teachers": {teacher.name: partition_summary(teacher.model) for teacher in trainer.teachers},
+            "teachers_are_deepspeed_engines": all(is_deepspeed_engine(teacher.model) for teacher in trainer.teachers)}
+
+
 SCENARIOS = {"step": run_step, "resume": run_resume, "lora": run_lora, "cross_resume": run_cross_resume,
-             "served_step": run_served_step, "vlm_twin": run_vlm_twin}
+             "served_step": run_served_step, "vlm_twin": run_vlm_twin, "routed_step": run_routed_step}
 
 
 def main():
