@@ -23,7 +23,7 @@ WORKER = TESTS / "vllm_colocate" / "run_colocate.py"
 # again under vLLM's transformers
 CORE_TESTS = ["test_trainer.py", "test_guidance.py", "test_lm_head.py", "test_served_teacher.py",
               "test_cross_tokenizer.py", "test_reliability.py", "test_dropin.py", "test_vllm_standin.py",
-              "test_vision.py"]
+              "test_vision.py", "test_routing.py"]
 MODES = ["tgpo", "tgpo_sample", "tgpo_topk", "rkl_topk", "rkl_k3", "kdrl", "opd", "none"]
 STEPS = 2
 # Logged per step by GRPO and TGPO alike; with `guidance_coef=0` TGPO must log GRPO's numbers
