@@ -13,7 +13,7 @@ from conftest import config_settings, length_reward, make_config, train_logs
 from datasets import Dataset
 from test_served_teacher import Recorded, models, rows_of  # noqa: F401  (`models`: the served tests' saved models)
 from test_trainer import full_logps
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import TrlParser
 from vllm_standin import StandInServer
 
@@ -307,3 +307,23 @@ def test_the_gap_report_measures_each_teacher_on_its_own_prompts(tmp_path, teach
     assert set(summary["teachers"]) == {"a", "b"} and summary["teacher_id_column"] == "teacher_id"
     assert "| [b](b/gap_report.md) | 4 |" in (tmp_path / "report" / "gap_report.md").read_text()
     assert len(paths) >= 6
+
+
+def test_per_teacher_tokenizers_and_revisions(tmp_path, models):  # noqa: F811
+    """`teacher_processing_class` and `teacher_model_revision` per teacher: `b`, a model object whose tokenizer is
+    given for it alone, is scored across tokenizers; `a` keeps the student's ids; the card shows each revision."""
+    bpe = AutoTokenizer.from_pretrained(models["bpe_teacher"])
+    trainer = TGPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(models["student"]), reward_funcs=length_reward,
+        args=TGPOConfig(**config_settings(tmp_path, teacher_model_revision={"a": "v1", "b": "v2"})),
+        train_dataset=routed_dataset(), processing_class=models["tokenizer"],
+        teacher_model={"a": AutoModelForCausalLM.from_pretrained(models["teacher"]),
+                       "b": AutoModelForCausalLM.from_pretrained(models["bpe_teacher"])},
+        teacher_processing_class={"b": bpe},
+    )
+    a, b = trainer.teachers
+    assert not a.scoring.cross_tokenizer and b.scoring.cross_tokenizer
+    assert (a.source.revision, b.source.revision) == ("v1", "v2")
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "at revision `v1`" in card and "at revision `v2`" in card
