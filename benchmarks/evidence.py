@@ -28,7 +28,8 @@ Protocol:
   evaluated on the test split, its per-problem correctness kept.
 - Interval: per family x regime, `tgpo` minus the best baseline (the one of grpo/opd/kdrl with the highest mean test
   accuracy), paired by seed; a percentile bootstrap 95% interval that resamples seeds and, within each resampled
-  seed, test problems (the same problems for both methods), B = 2000, fixed RNG seed (`paired_bootstrap`). A win is
+  seed, test problems (the same problems for both methods), B = 2000, fixed RNG seed
+  (`benchmarks.problem_results.paired_bootstrap`). A win is
   claimed only where the interval's low end is above 0, a loss only where its high end is below 0; else no claim.
 
 Each run is `benchmarks.methods.run_one` (a fresh process at one torch thread, `--jobs` at once; `--quick`: in this
@@ -37,7 +38,9 @@ process) and writes `<results-dir>/<part>/<family>/<regime>/<method>/<config-or-
 `final_problems` (0/1 per problem of the split); a `tgpo_paper` record names the trainer method, `tgpo`. A run whose
 JSON exists is skipped, so an interrupted benchmark resumes. `evidence.json`, `evidence.md` and
 `evidence_<family>_<regime>.png` (held-out accuracy, completion length and the gap metrics over steps: where OPD and
-KDRL derail, if they do) go to `--out-dir`.
+KDRL derail, if they do) go to `--out-dir`, with `evidence_problems.json.gz`: every final run's 0/1 per test
+problem, from which `benchmarks.problem_results.interval_from_file` recomputes an interval without training (`--part
+aggregate` rewrites it from the run JSONs).
 
 Shared setup (`FULL`): the rollouts of the setting where GRPO improves its initial students
 (docs/benchmarks/grpo_health.md): 32 prompts x 8 rollouts per step at temperature 0.3, the `exact_match` reward. At
@@ -70,8 +73,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: every run t
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: `benchmarks`, `tgpo_trl`
 # first: it sets the offline environment before transformers and TRL load
 from benchmarks import common, methods  # noqa: I001  (before the imports below: see the line above)
+from benchmarks.problem_results import BOOTSTRAP_SEED, RESAMPLES, paired_bootstrap, write_problem_results
 
-import numpy as np
 from datasets import Dataset
 
 from tgpo_trl.demo import product_task, task
@@ -100,8 +103,6 @@ GRID = {"grpo": _grid("temperature", 0.5), "opd": _grid("opd_coef"), "kdrl": _gr
         "tgpo": _grid("guidance_coef")}
 QUICK_GRID = {method: {"learning_rate": (1e-4, 3e-4)} for method in GRID}  # 2 configurations each
 SHORT = {"learning_rate": "lr", "temperature": "t", "opd_coef": "coef", "guidance_coef": "coef"}
-RESAMPLES = 2000
-BOOTSTRAP_SEED = 0
 # For the printed estimate only: a step of 256 rollouts with a teacher forward takes ~1.3 s at one thread (GRPO's
 # ~0.7 s), a fresh process ~10 s to start and the evaluations ~15 s
 SECONDS_PER_ROLLOUT_STEP, START_SECONDS = 1.3 / 256, 25
@@ -207,26 +208,8 @@ FAMILIES = {
 
 
 # ---------------------------------------------------------------------------------------------------- the bootstrap
-
-
-def paired_bootstrap(method, baseline, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
-                     level: float = 0.95) -> tuple[float, float, float]:
-    """(mean difference, low, high) of `method` minus `baseline`: two (seeds x problems) arrays of 0/1, row k of both
-    from the same seed and column i from the same problem. A percentile interval over `resamples` draws of seeds with
-    replacement and, within each drawn seed, problems with replacement (the same ones for both methods): it carries
-    the seed-to-seed spread and the finite test set, which a t-interval over 5 seed means would not."""
-    method, baseline = np.asarray(method, dtype=float), np.asarray(baseline, dtype=float)
-    if method.shape != baseline.shape or method.ndim != 2 or method.size == 0:
-        raise ValueError(f"expected two (seeds, problems) arrays of one shape, got {method.shape} and {baseline.shape}")
-    difference = method - baseline
-    n_seeds, n_problems = difference.shape
-    rng = np.random.default_rng(seed)
-    seeds = rng.integers(0, n_seeds, (resamples, n_seeds))
-    problems = rng.integers(0, n_problems, (resamples, n_seeds, n_problems))
-    draws = difference[seeds[:, :, None], problems].mean(axis=(1, 2))
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(draws, [tail, 100 - tail])
-    return float(difference.mean()), float(low), float(high)
+# `paired_bootstrap` (and its `RESAMPLES`, `BOOTSTRAP_SEED`) lives in `benchmarks.problem_results`, beside the file of
+# per-problem results it reads (`evidence_problems.json.gz`), so that an interval can be recomputed with numpy alone.
 
 
 # ---------------------------------------------------------------------------------------------------- runs
@@ -388,6 +371,24 @@ def interval(records, family, regime, seeds, summary) -> tuple[dict, dict] | Non
     return entry, detail
 
 
+PROBLEMS_FILE = "evidence_problems.json.gz"
+
+
+def write_problems_file(records: dict, families, settings: dict, path: Path) -> dict:
+    """The per-problem results of the final runs (`benchmarks.problem_results`): one run per (family, regime, row,
+    seed) record with `final_problems`, scored on its family's test problems (named by their question, in order).
+    Written from the run records, so it can be regenerated from a results dir without training."""
+    problem_sets = {family: [prompt[0]["content"] for prompt in
+                             FAMILIES[family].dataset(settings["test_size"], 0, "test")["prompt"]]
+                    for family in families}
+    runs = [{"family": family, "regime": regime, "row": row, "seed": seed, "problem_set": family,
+             "correct": record["final_problems"]}
+            for (family, regime, row, seed), record in sorted(records.items()) if "final_problems" in record]
+    description = ("Evidence (issue 14): the final runs' greedy 0/1 correctness per test problem. Intervals: tgpo "
+                   "minus a baseline row of one family and regime, paired by seed (benchmarks/problem_results.py).")
+    return write_problem_results(path, "evidence", description, problem_sets, runs)
+
+
 SHAPE_KEYS = ("accuracy", "completions/mean_length", "gap/reverse_kl", "gap/mismatch_ratio")
 
 
@@ -457,6 +458,7 @@ def aggregate(results_dir, families, regimes, settings, grid, out_dir: Path, wal
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     common.write_json(out_dir / "evidence.json", result)
+    write_problems_file(records, families, settings, out_dir / PROBLEMS_FILE)
     pngs = {f: plot(family_records(records, f), f, regimes, seeds, out_dir) if do_plot and records else []
             for f in families}
     md_path = out_dir / "evidence.md"
@@ -505,6 +507,11 @@ def render_markdown(result: dict, families, regimes, pngs: dict) -> str:
         (f"- Interval: `tgpo` minus the best baseline (highest mean test accuracy among {', '.join(BASELINES)}), "
          "paired by seed; percentile bootstrap 95% over seeds and, within each, test problems "
          f"(B = {meta['resamples']}); a win only where low > 0, a loss only where high < 0."),
+        (f"- Per-problem results: [{PROBLEMS_FILE}]({PROBLEMS_FILE}), every final run's 0/1 per test problem; "
+         "recompute an interval without training (from the repository root, numpy only): `from "
+         "benchmarks.problem_results import interval_from_file; interval_from_file('docs/benchmarks/"
+         f"{PROBLEMS_FILE}', method={{'family': 'column_sum', 'regime': 'small_gap', 'row': 'tgpo'}}, "
+         "baseline={'family': 'column_sum', 'regime': 'small_gap', 'row': 'kdrl'})` gives (difference, low, high)."),
         (f"- {meta['final_runs']} final and {meta['tuning_runs']} tuning runs, 1 torch thread each, "
          f"{meta['parallel_runs']} in parallel; wall time {meta['wall_seconds']} s."),
         "",

@@ -111,8 +111,11 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str, fami
     For `benchmarks/evidence.py`, which tunes on one held-out split and reports on another, over task families:
     `family` (its `Family`) gives the models, tokenizer, data, reward and answer checker instead of the demo's
     `REGIME_MODELS`; `settings["eval_split"]` names the split the evaluations use (default "test");
-    `settings["record_problems"]` keeps the final evaluation's per-problem 0/1 correctness (`final_problems`), for a
-    bootstrap over problems. Without them the run and its record are the methods benchmark's.
+    `settings["record_problems"]` keeps the final evaluation's per-problem 0/1 correctness (`final_problems`, and the
+    first evaluation's, `initial_problems`), for a bootstrap over problems. Without them the run and its record are
+    the methods benchmark's. A family's teacher may also be None (no teacher: `grpo` alone) or a mapping from teacher
+    id to path (several teachers, each dataset row routed to the one its `teacher_id` column names;
+    `benchmarks/routing.py`).
     """
     import torch
 
@@ -148,7 +151,7 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str, fami
         dataset, reward_funcs, correct = family.dataset, family.reward_funcs, family.correct
     # pilots may train another student (`student_path`); the regime's teacher stays
     student = AutoModelForCausalLM.from_pretrained(settings.get("student_path") or student_path)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path)
+    teacher, teacher_tokenizer = load_teachers(teacher_path)
     test_set = dataset(settings["eval_size"], 0, settings.get("eval_split", "test"))
     # Distinct training problems, a different stream per seed (the build pretrained on seed 0..2 streams of `train`)
     train_set = dataset(settings["steps"] * settings["prompts_per_step"], 100 + seed, "train")
@@ -158,7 +161,7 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str, fami
         few = train_set.select(range(settings["fixed_problems"]))
         train_set = concatenate_datasets([few] * (len(train_set) // len(few)))
 
-    evaluations, final_problems = [], []
+    evaluations, initial_problems, final_problems = [], [], []
 
     def evaluate(model, step):
         # `greedy_evaluation`'s accuracy and length, with the per-problem scores it sums kept
@@ -166,6 +169,8 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str, fami
         completions = greedy_completions(model, tokenizer, test_set["prompt"], settings["max_completion_length"])
         scores = correct(tokenizer.batch_decode(completions, skip_special_tokens=True), list(test_set["answer"]))
         final_problems[:] = [int(score) for score in scores]
+        if not evaluations:
+            initial_problems[:] = final_problems
         evaluations.append({"step": step, "accuracy": sum(scores) / len(scores),
                             "mean_length": sum(map(len, completions)) / len(completions)})
         model.train(was_training)
@@ -220,7 +225,7 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str, fami
             train_dataset=train_set,
             processing_class=tokenizer,
             teacher_model=teacher,
-            teacher_processing_class=AutoTokenizer.from_pretrained(teacher_path),
+            teacher_processing_class=teacher_tokenizer,
             callbacks=[Recorder()],
         )
     trainer.remove_callback(PrinterCallback)  # the per-step log dicts are kept in `state.log_history`, not printed
@@ -252,11 +257,25 @@ def run_one(regime: str, method: str, seed: int, settings: dict, path: str, fami
         record["family"] = family.name
     if settings.get("record_problems"):
         record["final_problems"] = final_problems  # 0/1 per evaluation problem, in the split's order
+        record["initial_problems"] = initial_problems
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     tmp.rename(path)
     return {"regime": regime, "method": method, "seed": seed, "final_accuracy": record["final_accuracy"],
             "seconds": record["seconds"], "error": error}
+
+
+def load_teachers(teacher):
+    """A run's `teacher_model` and `teacher_processing_class`: (None, None) for no teacher; the model and its tokenizer
+    for a path; for {teacher id: path}, {teacher id: model} and None (each teacher's tokenizer is found beside its
+    weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if teacher is None:
+        return None, None
+    if isinstance(teacher, dict):
+        return {name: AutoModelForCausalLM.from_pretrained(path) for name, path in teacher.items()}, None
+    return AutoModelForCausalLM.from_pretrained(teacher), AutoTokenizer.from_pretrained(teacher)
 
 
 def _run_one_star(job):

@@ -169,6 +169,23 @@ def test_per_run_records_use_their_split_and_keep_problems(quick_run, evidence):
     assert paper["settings"]["learning_rate"] == best["settings"]["learning_rate"]  # tgpo's tuned learning rate
 
 
+def test_the_per_problem_file_recomputes_every_reported_interval(quick_run, evidence):
+    from benchmarks.problem_results import interval_from_file, read_problem_results
+
+    _, out_dir, _ = quick_run
+    result = json.loads((out_dir / "evidence.json").read_text())
+    path = out_dir / evidence.PROBLEMS_FILE
+    data = read_problem_results(path)
+    n_final = len(evidence.ROWS) * len(REGIMES) * len(FAMILIES) * len(evidence.QUICK["seeds"])
+    assert len(data["runs"]) == n_final and all(len(run["correct"]) == evidence.QUICK["test_size"]
+                                                for run in data["runs"])
+    for family, regimes in result["intervals"].items():
+        for regime, found in regimes.items():
+            cell = {"family": family, "regime": regime}
+            recomputed = interval_from_file(path, {**cell, "row": "tgpo"}, {**cell, "row": found["baseline"]})
+            assert recomputed == (result["verdicts"][family][regime]["difference"], found["low"], found["high"])
+
+
 def test_a_second_run_resumes_without_training(quick_run, evidence):
     results_dir, out_dir, stdout = quick_run
     n_tune = len(TUNED) * len(REGIMES) * len(FAMILIES) * len(evidence.configurations(evidence.QUICK_GRID["tgpo"]))

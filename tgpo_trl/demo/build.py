@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .evaluate import encode_prompts, evaluate_completions, greedy_completions, pad_rows, teacher_mismatch_ratio
 from .models import tiny_llama, tiny_qwen2
@@ -357,4 +357,124 @@ def _build_cross_tokenizer_teacher(root: Path, settings: BuildSettings, key: str
     tokenizer.save_pretrained(root)
     return {"key": key, "size": size, "tokenizer_size": len(tokenizer), "accuracy": evaluation.accuracy,
             "mean_completion_tokens": evaluation.mean_length, "final_train_loss": final_loss,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+# ---------------------------------------------------------------------------------------------------- both families
+
+# A student of both task families for several teachers (`benchmarks/routing.py`): the demo's student architecture,
+# pretrained on the two families' problems in a fixed pattern, written the teachers' way (a small gap to each family's
+# teacher). Both families' builds use the demo's character tokenizer, so their teachers are reused as they are (the
+# build checks that their tokenizers are one). Calibrated to leave it weak on both, as the single-family students
+# (greedy accuracy on each build's 500 held-out problems, sum / product): one sum for one product learns the sum first
+# (350 steps: 21% / 4%; 450: 44% / 17%; 650: 78% / 56%), one sum for two products the product first (450: 8% / 41%);
+# two sums for three products at 400 steps leaves both weak. Measured figures: its build.json.
+JOINT_PATTERN = ("column_sum", product_task.NAME, "column_sum", product_task.NAME, product_task.NAME)
+JOINT_TASKS = tuple(dict.fromkeys(JOINT_PATTERN))
+JOINT_SIZES = {
+    "full": ModelSpec(64, 2, 4, "teacher", steps=400, learning_rate=3e-3, seed=2),
+    "quick": ModelSpec(16, 1, 2, "teacher", steps=150, learning_rate=3e-3, seed=2),
+}
+
+
+class TaskMixture:
+    """A task module (`iter_problems`, `solution_text`, `MAX_COMPLETION_LENGTH`) whose problems follow `pattern`, a
+    sequence of `TASKS` names repeated endlessly (`("column_sum", "column_product", "column_product")`: one sum, then
+    two products, ...), each problem tagged with its task (`"task"`)."""
+
+    def __init__(self, pattern: tuple[str, ...]):
+        unknown = [name for name in pattern if name not in TASKS]
+        if unknown or not pattern:
+            raise ValueError(f"Unknown tasks {unknown}; valid tasks: {', '.join(TASKS)}")
+        self.pattern = tuple(pattern)
+        self.MAX_COMPLETION_LENGTH = max(TASKS[name][0].MAX_COMPLETION_LENGTH for name in pattern)
+
+    def iter_problems(self, seed: int, split: str) -> Iterator[dict]:
+        streams = {name: TASKS[name][0].iter_problems(seed, split) for name in dict.fromkeys(self.pattern)}
+        while True:
+            for name in self.pattern:
+                yield {**next(streams[name]), "task": name}
+
+    def solution_text(self, problem: dict, style: str) -> str:
+        return TASKS[problem["task"]][0].solution_text(problem, style)
+
+
+@dataclass(frozen=True)
+class JointStudent:
+    """A built student of several tasks: its directory (tokenizer beside the weights), the shared tokenizer, each task's
+    teacher (the task's own demo build) and the `build.json` report (per task: accuracy, and the mismatch ratio of every
+    task's teacher on the student's completions)."""
+
+    root: Path
+    student: Path
+    tokenizer: Path
+    teachers: dict
+    report: dict
+
+
+def same_tokenizer(tokenizers: dict) -> None:
+    """A `ValueError` unless the tokenizers ({name: tokenizer}) map every token to the same id and share special tokens
+    and chat template: a student and teachers scored on each other's ids need one vocabulary."""
+    def signature(tokenizer):
+        return tokenizer.get_vocab(), tokenizer.all_special_tokens, tokenizer.chat_template
+
+    (first, reference), *others = tokenizers.items()
+    for name, tokenizer in others:
+        if signature(tokenizer) != signature(reference):
+            raise ValueError(f"the tokenizers of {first!r} and {name!r} differ: one student cannot share both teachers' "
+                             "vocabulary; build the teachers for a joint tokenizer")
+
+
+def build_joint_student(
+    cache_dir: str | os.PathLike | None = None, size: str = "full", progress: bool = True, pattern=JOINT_PATTERN
+) -> JointStudent:
+    """Return a student pretrained on the tasks of `pattern` (keys of `TASKS`, in the order and proportions its
+    problems follow: `TaskMixture`) in the teachers' writing, for `size` ("full" or "quick"), from the cache, building
+    it first if needed; each task's demo models (its teacher) are built too if needed."""
+    if size not in JOINT_SIZES:
+        raise ValueError(f"Unknown size {size!r}; valid sizes: {', '.join(JOINT_SIZES)}")
+    mixture = TaskMixture(tuple(pattern))
+    builds = {name: build_demo_models(cache_dir, size, progress, task=name) for name in dict.fromkeys(pattern)}
+    same_tokenizer({"student": build_char_tokenizer(),
+                    **{name: AutoTokenizer.from_pretrained(build.tokenizer) for name, build in builds.items()}})
+    spec, base = JOINT_SIZES[size], SIZES[size]
+    settings = {"student": asdict(spec), "pattern": list(mixture.pattern),
+                "tasks": {name: build.report["key"] for name, build in builds.items()},
+                "batch_size": base.batch_size, "eval_size": base.eval_size, "eval_seed": base.eval_seed,
+                "version": BUILD_VERSION}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / f"{size}-joint-{key}"
+    if not (root / REPORT_FILE).exists():
+        _build_atomically(root, lambda staging: _build_joint_student(staging, settings, key, size, builds, progress))
+    report = json.loads((root / REPORT_FILE).read_text())
+    return JointStudent(root, root / "student", root / "tokenizer", {name: build.teacher for name, build in
+                                                                       builds.items()}, report)
+
+
+def _build_joint_student(root: Path, settings: dict, key: str, size: str, builds: dict, progress: bool) -> dict:
+    started = time.perf_counter()
+    spec = ModelSpec(**settings["student"])
+    tokenizer = build_char_tokenizer()
+    tokenizer.save_pretrained(root / "tokenizer")
+    model = tiny_qwen2(tokenizer, spec.hidden_size, spec.num_layers, spec.num_heads, seed=spec.seed)
+    mixture = TaskMixture(tuple(settings["pattern"]))
+    final_loss = train_supervised(model, tokenizer, spec, settings["batch_size"], progress, mixture)
+    model.save_pretrained(root / "student")
+    tokenizer.save_pretrained(root / "student")
+    teachers = {name: AutoModelForCausalLM.from_pretrained(build.teacher) for name, build in builds.items()}
+    per_task = {}
+    for name in builds:
+        family = TASKS[name][0]
+        test_set = family.build_dataset(settings["eval_size"], settings["eval_seed"], "test")
+        completions = greedy_completions(model, tokenizer, test_set["prompt"], family.MAX_COMPLETION_LENGTH)
+        evaluation = evaluate_completions(tokenizer, completions, test_set["answer"])
+        per_task[name] = {
+            "accuracy": evaluation.accuracy,
+            "mean_completion_length": evaluation.mean_length,
+            # Every task's teacher on this task's completions: the gap to its own teacher, and to the others
+            "teacher_mismatch_ratio": {teacher_name: teacher_mismatch_ratio(teacher, tokenizer, test_set["prompt"],
+                                                                            completions)
+                                       for teacher_name, teacher in teachers.items()},
+        }
+    return {"key": key, "size": size, "settings": settings, "final_train_loss": final_loss, "tasks": per_task,
             "seconds": round(time.perf_counter() - started, 1)}
