@@ -264,17 +264,20 @@ def markdown(result: dict) -> str:
         "`before`: the whole batch's scores waited for when the batch is generated (the collection before per-slice "
         "scores); `after`: each slice waits only for its own. `request`: seconds from sending the batch's first "
         "requests until the last answer (`teacher/request_time`); `waited`: seconds the trainer was blocked on them "
-        "(`teacher/wait_time`); `hidden` = 1 - (served step - GRPO step) / request.",
+        "(`teacher/wait_time`); `hidden` = 1 - (served step - GRPO step) / request, the issue's measure; `not waited` = "
+        "1 - waited / request, the share of the request the trainer did not spend blocked. The two differ by the "
+        "client's own work in the trainer's process (HTTP, JSON decoding, the parsing of `prompt_logprobs`), which "
+        "shares the trainer's core and interpreter lock whether or not it is waited for.",
         "",
-        "| slices | trainer | step (s) | / GRPO | / in process | request (s) | waited (s) | hidden |",
-        "|---|---|---|---|---|---|---|---|",
+        "| slices | trainer | step (s) | / GRPO | / in process | request (s) | waited (s) | hidden | not waited |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for slices, row in result["results"].items():
         steps = row["step_s"]
-        lines.append(f"| {slices} | GRPO, no teacher | {steps['grpo']['median']:.3f} | 1.00 | | | | |")
+        lines.append(f"| {slices} | GRPO, no teacher | {steps['grpo']['median']:.3f} | 1.00 | | | | | |")
         lines.append(f"| {slices} | TGPO, teacher in process (forward {row['teacher_forward_s']['median']:.3f} s) | "
                      f"{steps['in_process']['median']:.3f} | "
-                     f"{steps['in_process']['median'] / steps['grpo']['median']:.2f} | 1.00 | | | |")
+                     f"{steps['in_process']['median'] / steps['grpo']['median']:.2f} | 1.00 | | | | |")
         for server in servers:
             for collection in ("before", "after"):
                 cell = row["served"][f"{server}_{collection}"]
@@ -282,7 +285,8 @@ def markdown(result: dict) -> str:
                     f"| {slices} | TGPO, {SERVER_NAMES[server]}, {collection} | "
                     f"{steps[f'{server}_{collection}']['median']:.3f} | {cell['over_grpo']:.2f} | "
                     f"{cell['over_in_process']:.2f} | {cell['request_s']['median']:.3f} | "
-                    f"{cell['wait_s']['median']:.3f} | {cell['hidden_fraction']:.0%} |"
+                    f"{cell['wait_s']['median']:.3f} | {cell['hidden_fraction']:.0%} | "
+                    f"{1 - cell['wait_s']['median'] / cell['request_s']['median']:.0%} |"
                 )
     found = result.get("checks", [])
     if found:

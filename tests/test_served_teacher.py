@@ -507,6 +507,33 @@ def test_a_slice_waits_only_for_its_own_requests(tmp_path, models, dataset, serv
     assert logs[0]["teacher/request_time"] >= answered[-1] - answered[0]
 
 
+def test_a_slices_requests_go_out_once_the_previous_slices_are_answered(models, server):
+    """A server answers the requests it holds together: the slices' requests are sent in turn, each once the previous
+    one's answers are in, so the first slice is back after its own share (16 threads in the pool, all idle)."""
+    tokenizer = models["tokenizer"]
+    client = ServedTeacher([server.url], models["teacher"], len(tokenizer), max_concurrent_requests=16)
+    torch.manual_seed(0)
+    prompt, completion = torch.randint(5, len(tokenizer), (4, 4)), torch.randint(5, len(tokenizer), (4, 6))
+    ones = torch.ones_like
+    events, lock = [], threading.Lock()
+
+    def hook(body):
+        with lock:
+            events.append(("sent", body["prompt"][0][:4]))
+        time.sleep(0.2)
+
+    server.request_hook = hook
+    slices = [client.submit(prompt[i:i + 1], ones(prompt[i:i + 1]), completion[i:i + 1], ones(completion[i:i + 1]))
+              for i in range(4)]
+    answered = []
+    for pending in slices:
+        pending.result()
+        answered.append(pending.answered)
+    sent = [prompt for kind, prompt in events]
+    assert sent == [prompt[i, :4].tolist() for i in range(4)]  # in slice order, one after another
+    assert answered == sorted(answered) and answered[-1] - answered[0] >= 0.5  # not all answered at once
+
+
 class FailingGroup:
     """The served teacher's `call`-th request (counted from 1 after the probe) fails as an unreachable server would."""
 
@@ -515,11 +542,11 @@ class FailingGroup:
         self._score_group = trainer.teacher_server._score_group
         trainer.teacher_server._score_group = self
 
-    def __call__(self, rows, num_logprobs):
+    def __call__(self, rows, num_logprobs, *args):
         self.calls += 1
         if self.calls == self.call:
             raise TeacherServerError("The teacher server did not answer POST /v1/completions (injected).")
-        return self._score_group(rows, num_logprobs)
+        return self._score_group(rows, num_logprobs, *args)
 
 
 @pytest.mark.parametrize("accumulation, failing", [(4, 3), (2, 4)])

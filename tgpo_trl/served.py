@@ -21,7 +21,7 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,8 +115,10 @@ class ServedTeacher:
     A client of one or several vLLM replicas serving the teacher. Each request goes to the replica with the fewest
     tokens outstanding from this process (sent, not yet answered), so a slow replica gets less of the work instead of
     holding up a turn; a batch is split into at least one request per replica, so that the replicas score it side by
-    side. Requests are sent from a pool of at most `max_concurrent_requests` threads per process, in the order they
-    were submitted, each bounded by `timeout` seconds; connection errors, timeouts and 5xx answers are retried
+    side. Requests are sent from a pool of at most `max_concurrent_requests` threads per process, each bounded by
+    `timeout` seconds, and a `submit`'s requests go out once the previous `submit`'s are answered: a server scores the
+    requests it holds together, so a generation batch's slices, sent at once, would all come back at the end; sent in
+    turn, the first slice is back after its own share of the work. Connection errors, timeouts and 5xx answers are retried
     `max_retries` times with exponential backoff (each time on the least loaded of the other replicas), 4xx answers
     fail at once with the server's message.
 
@@ -140,6 +142,7 @@ class ServedTeacher:
         self._turn = itertools.count()  # breaks ties between equally loaded replicas
         self._outstanding = [0] * len(self.urls)  # tokens sent to each replica and not yet answered
         self._load_lock = threading.Lock()
+        self._previous = []  # the requests of the last `submit`: the next one's wait until they are answered
 
     # ------------------------------------------------------------------ HTTP
 
@@ -333,10 +336,19 @@ class ServedTeacher:
         if group:
             groups.append(group)
         submitted = time.perf_counter()
-        futures = [self._pool.submit(self._score_group, group, num_logprobs) for group in groups]
-        return PendingScores(futures, completion_ids, completion_mask, top_k, sample, num_logprobs, submitted)
+        cancelled = threading.Event()
+        # In submission order: these requests go out once the previous batch's are answered (a server answers the
+        # requests it holds together, so slices sent at once would all come back at the end)
+        previous, self._previous = self._previous, []
+        futures = [self._pool.submit(self._score_group, group, num_logprobs, previous, cancelled) for group in groups]
+        self._previous = futures
+        return PendingScores(futures, completion_ids, completion_mask, top_k, sample, num_logprobs, submitted,
+                             cancelled)
 
-    def _score_group(self, rows: list[_Row], num_logprobs: int) -> list[tuple[_Row, dict]]:
+    def _score_group(self, rows: list[_Row], num_logprobs: int, after=(), cancelled=None) -> list[tuple[_Row, dict]]:
+        wait(after)
+        if cancelled is not None and cancelled.is_set():
+            return []
         body = self._request("POST", "/v1/completions", self._payload([row.ids for row in rows], num_logprobs),
                              tokens=sum(len(row.ids) for row in rows))
         choices = sorted(body.get("choices", []), key=lambda choice: choice.get("index", 0))
@@ -440,7 +452,7 @@ class PendingScores:
     """The requests of one batch, in flight; `result()` waits for them and returns the `TeacherScores`."""
 
     def __init__(self, futures: list[Future], completion_ids, completion_mask, top_k, sample, num_logprobs,
-                 submitted: float | None = None):
+                 submitted: float | None = None, cancelled: threading.Event | None = None):
         self.futures = futures
         self.shape = tuple(completion_ids.shape)
         self.device = completion_ids.device
@@ -450,6 +462,7 @@ class PendingScores:
         # hidden behind the trainer's own work); set by `result()`. `submitted`, `answered`: `time.perf_counter()`s.
         self.request_time = self.wait_time = None
         self.submitted = self.answered = time.perf_counter() if submitted is None else submitted
+        self._cancelled = cancelled
         for future in futures:
             future.add_done_callback(self._note_answer)
 
@@ -458,6 +471,8 @@ class PendingScores:
 
     def cancel(self) -> None:
         """Drop the requests not sent yet (those being answered finish, unread)."""
+        if self._cancelled is not None:
+            self._cancelled.set()
         for future in self.futures:
             future.cancel()
 
