@@ -146,6 +146,14 @@ def load_script(path, name=None):
     return module
 
 
+def run_benchmark_quick(path, tmp_path_factory):
+    """A benchmark that keeps its runs in `--results-dir`, run `--quick` into fresh folders at one torch thread:
+    `(results dir, out dir, stdout)`."""
+    results_dir, out_dir = tmp_path_factory.mktemp("results"), tmp_path_factory.mktemp("benchmarks")
+    stdout = run_script_quick(path, out_dir, "--results-dir", results_dir, OMP_NUM_THREADS="1")
+    return results_dir, out_dir, stdout
+
+
 def run_script_quick(path, out_dir, *extra, **env):
     """Run `python <script> --quick --out-dir <out_dir> <extra>` offline in a subprocess; its stdout (asserts it
     succeeded). `env` adds environment variables."""

@@ -108,9 +108,7 @@ def test_the_tuning_budget_is_equal_and_at_most_six(evidence):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    results_dir, out_dir = tmp_path_factory.mktemp("results"), tmp_path_factory.mktemp("benchmarks")
-    stdout = conftest.run_script_quick(SCRIPT, out_dir, "--results-dir", results_dir, OMP_NUM_THREADS="1")
-    return results_dir, out_dir, stdout
+    return conftest.run_benchmark_quick(SCRIPT, tmp_path_factory)
 
 
 def test_evidence_json_has_the_required_shape(quick_run, evidence):

@@ -105,9 +105,7 @@ def test_one_tokenizer_for_the_student_and_both_teachers_is_checked():
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    results_dir, out_dir = tmp_path_factory.mktemp("results"), tmp_path_factory.mktemp("benchmarks")
-    stdout = conftest.run_script_quick(SCRIPT, out_dir, "--results-dir", results_dir, OMP_NUM_THREADS="1")
-    return results_dir, out_dir, stdout
+    return conftest.run_benchmark_quick(SCRIPT, tmp_path_factory)
 
 
 def test_routing_json_has_the_required_shape(quick_run, routing):
