@@ -331,9 +331,10 @@ class TeacherSpec:
         return "the teacher" if self.name is None else f"teacher {self.name!r}"
 
 
-def _per_teacher(value, names: list[str], field: str, kind: type | tuple) -> dict:
-    """A setting that is one value for every teacher, or a mapping from teacher id to value: as a mapping."""
-    if isinstance(value, dict) and not (kind is dict and not _is_per_teacher(value, names)):
+def _per_teacher(value, names: list[str], field: str, values_are_dicts: bool = False) -> dict:
+    """A setting that is one value for every teacher, or a mapping from teacher id to value: as a mapping. Where the
+    value itself is a dict (`values_are_dicts`: keyword arguments), only one keyed by teacher ids is per teacher."""
+    if isinstance(value, dict) and (not values_are_dicts or _is_per_teacher(value, names)):
         unknown = sorted(set(value) - set(names))
         if unknown:
             raise ValueError(f"`{field}` names teachers {unknown} that are not among the run's teachers {names}.")
@@ -374,9 +375,9 @@ def resolve_teachers(paths, models, urls, revisions, init_kwargs, processing_cla
         if bad:
             raise ValueError(f"`{field}` has teacher ids {bad}: an id is a non-empty string without '/' (it names "
                              "metrics such as `gap/reverse_kl/<id>`).")
-    revisions = _per_teacher(revisions, names, "teacher_model_revision", str)
-    init_kwargs = _per_teacher(init_kwargs, names, "teacher_model_init_kwargs", dict)
-    processing_classes = _per_teacher(processing_classes, names, "teacher_processing_class", object)
+    revisions = _per_teacher(revisions, names, "teacher_model_revision")
+    init_kwargs = _per_teacher(init_kwargs, names, "teacher_model_init_kwargs", values_are_dicts=True)
+    processing_classes = _per_teacher(processing_classes, names, "teacher_processing_class")
     specs = []
     for name in names:
         spec = TeacherSpec(name, (paths or {}).get(name), (models or {}).get(name), (urls or {}).get(name),

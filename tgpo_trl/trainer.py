@@ -259,17 +259,13 @@ class TGPOTrainer(GRPOTrainer):
             _check_dataset(dataset, "eval_dataset" + (f"[{name!r}]" if name else ""), environment_factory is None)
 
         # The teachers are resolved first, so a missing or unloadable one fails before the student is built
+        # a model object or mapping passed to the trainer takes precedence over the config's paths, id by id
         specs = resolve_teachers(
-            teacher_model if isinstance(teacher_model, (str, dict)) else args.teacher_model_name_or_path,
+            teacher_model if isinstance(teacher_model, str) else args.teacher_model_name_or_path,
             teacher_model if isinstance(teacher_model, (PreTrainedModel, dict)) else None,
             args.teacher_server_url, args.teacher_model_revision, args.teacher_model_init_kwargs,
             teacher_processing_class,
         )
-        if isinstance(teacher_model, dict) and isinstance(args.teacher_model_name_or_path, dict):
-            # paths in the config and model objects passed to the trainer: the objects win, as for one teacher
-            specs = resolve_teachers({**args.teacher_model_name_or_path, **teacher_model}, None,
-                                     args.teacher_server_url, args.teacher_model_revision,
-                                     args.teacher_model_init_kwargs, teacher_processing_class)
         if not specs and args.guidance_needs_teacher:
             raise ValueError(
                 f"`guidance={args.guidance!r}` needs a teacher: set `teacher_model_name_or_path` in the config or pass "
